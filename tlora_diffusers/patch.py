@@ -1,0 +1,280 @@
+"""TLoRAPatch: per-call T-LoRA rank masking on a stock diffusers pipeline or denoiser."""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from typing import Any, Optional, Sequence, Union
+
+import torch.nn as nn
+
+from ._context import _CURRENT, CallMask
+from .backends import MaskSite, find_mask_sites
+from .config import TLoRAConfig
+from .models import ModelAdapter, get_model_adapter
+from .schedule import rank_mask
+
+__all__ = ["TLoRAPatch"]
+
+_DENOISER_ATTRS = ("unet", "transformer")
+
+#: The patch whose pipeline is running in this context (set by the patched ``__call__``).
+_PIPELINE_PATCH: contextvars.ContextVar[Optional["TLoRAPatch"]] = contextvars.ContextVar(
+    "tlora_pipeline_patch", default=None
+)
+_ATTACHMENTS: "weakref.WeakKeyDictionary[nn.Module, _Attachment]" = weakref.WeakKeyDictionary()
+_PIPELINE_PATCHES: "weakref.WeakKeyDictionary[Any, TLoRAPatch]" = weakref.WeakKeyDictionary()
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+class _Attachment:
+    """Denoiser-level hooks shared by every patch on one denoiser.
+
+    The pre-hook reads the call's own timestep, builds its mask and makes it the
+    context's current call; the post-hook (``always_call``) clears it, also when
+    ``forward`` raises.
+    """
+
+    def __init__(self, denoiser: nn.Module, adapter: ModelAdapter) -> None:
+        self.adapter = adapter
+        self.patches: list[TLoRAPatch] = []
+        self.handles = [
+            denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
+            denoiser.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _resolve(self, module: nn.Module) -> "TLoRAPatch":
+        patch = _PIPELINE_PATCH.get()
+        if patch is not None and any(p is patch for p in self.patches):
+            return patch
+        if len(self.patches) == 1:
+            return self.patches[0]
+        raise RuntimeError(
+            f"{type(module).__name__} carries {len(self.patches)} T-LoRA patches (pipelines sharing it); "
+            "call it through one of the patched pipelines so the call knows whose config applies"
+        )
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        patch = self._resolve(module)
+        t = self.adapter.timestep(module, args, kwargs)
+        call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
+        call.token = _CURRENT.set(call)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        call = _CURRENT.get()
+        if call is not None and call.module is module and call.token is not None:
+            token, call.token = call.token, None
+            _CURRENT.reset(token)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _RankMaskHook:
+    """Forward hook on the module that outputs the rank dimension: multiplies by the call's mask."""
+
+    __slots__ = ("owner", "site")
+
+    def __init__(self, owner: "TLoRAPatch", site: MaskSite) -> None:
+        self.owner = owner
+        self.site = site
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        call = _CURRENT.get()
+        if call is None or call.owner is not self.owner:
+            return None
+        return output * call.view_for(output, self.site.rank_dim, self.site.name)
+
+
+def _patched_pipeline_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` runs in its own context with its patch active."""
+    sub = _PATCHED_CLASSES.get(cls)
+    if sub is None:
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            patch = _PIPELINE_PATCHES.get(self)
+            if patch is None:  # copied with the class but never patched
+                return cls.__call__(self, *args, **kwargs)
+            return contextvars.copy_context().run(patch._run_pipeline, cls.__call__, self, args, kwargs)
+
+        sub = type(
+            cls.__name__,
+            (cls,),
+            {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+             "_tlora_base_class": cls},
+        )
+        _PATCHED_CLASSES[cls] = sub
+    return sub
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "_orig_mod", module)  # torch.compile's OptimizedModule
+
+
+class TLoRAPatch:
+    """Mask a T-LoRA's ranks by each denoiser call's own timestep, on a stock pipeline.
+
+    Attaches to ``pipe.unet`` or ``pipe.transformer`` (or a bare denoiser). For every
+    denoiser call it converts that call's timestep to scheduler units (per-model
+    adapter), builds the rank mask for ``T = pipe.scheduler.config.num_train_timesteps``
+    and applies it to every LoRA layer of the masked adapters for that call only.
+    A ``(B,)`` timestep masks each sample separately.
+
+    Args:
+        target: a diffusers pipeline, or a denoiser module.
+        cfg: the rank schedule; its ``max_rank`` must equal the adapters' rank.
+        adapter_names: adapters to mask; default every active adapter.
+        num_train_timesteps: ``T`` for a bare denoiser (pipelines read their scheduler).
+
+    Example:
+        >>> pipe.load_lora_weights("my-tlora")
+        >>> with TLoRAPatch(pipe, TLoRAConfig(max_rank=64, min_rank=1)):
+        ...     image = pipe("a sks dog").images[0]
+    """
+
+    def __init__(
+        self,
+        target: Union[nn.Module, Any],
+        cfg: Optional[TLoRAConfig] = None,
+        *,
+        adapter_names: Optional[Sequence[str]] = None,
+        num_train_timesteps: Optional[int] = None,
+    ) -> None:
+        if isinstance(target, nn.Module):
+            self.pipeline = None
+            self.denoiser = _unwrap(target)
+            self._bare_timesteps = 1000 if num_train_timesteps is None else num_train_timesteps
+            name = type(self.denoiser).__name__
+        else:
+            self.pipeline = target
+            attr = next((a for a in _DENOISER_ATTRS if isinstance(getattr(target, a, None), nn.Module)), None)
+            if attr is None:
+                raise TypeError(
+                    f"TLoRAPatch needs a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
+                    f"nn.Module; got {type(target).__name__}"
+                )
+            if num_train_timesteps is not None:
+                raise TypeError("num_train_timesteps is read from pipe.scheduler; pass it only with a bare denoiser")
+            if getattr(target, "scheduler", None) is None:
+                raise ValueError(f"{type(target).__name__} has no scheduler to read num_train_timesteps from")
+            self.denoiser = _unwrap(getattr(target, attr))
+            self._bare_timesteps = None
+            name = f"pipe.{attr}"
+        if cfg is None:
+            raise ValueError(
+                "TLoRAPatch needs cfg=TLoRAConfig(max_rank=..., min_rank=..., alpha=...): "
+                f"no T-LoRA config was found in the adapters loaded into {name}"
+            )
+        if not isinstance(cfg, TLoRAConfig):
+            raise TypeError(f"cfg must be a TLoRAConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        self.num_train_timesteps  # validates a bare denoiser's T now
+        adapter = get_model_adapter(self.denoiser)
+        self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg.max_rank, name)
+        self._check_not_patched()
+        self._handles: list = []
+        self._removed = False
+        self._install(adapter)
+
+    # -- installation -------------------------------------------------------------------
+    def _check_not_patched(self) -> None:
+        if self.pipeline is not None and self.pipeline in _PIPELINE_PATCHES:
+            raise RuntimeError(
+                f"this {type(self.pipeline).__name__} is already T-LoRA patched; call .remove() on the "
+                "existing patch before patching it again"
+            )
+        attachment = _ATTACHMENTS.get(self.denoiser)
+        if attachment is not None and (self.pipeline is None or any(p.pipeline is None for p in attachment.patches)):
+            raise RuntimeError(
+                f"this {type(self.denoiser).__name__} is already T-LoRA patched; call .remove() on the "
+                "existing patch first (several pipelines sharing one denoiser may each be patched)"
+            )
+
+    def _install(self, adapter: ModelAdapter) -> None:
+        attachment = _ATTACHMENTS.get(self.denoiser)
+        created = attachment is None
+        try:
+            if created:
+                attachment = _Attachment(self.denoiser, adapter)
+                _ATTACHMENTS[self.denoiser] = attachment
+            for site in self._sites:
+                self._handles.append(site.module.register_forward_hook(_RankMaskHook(self, site)))
+            attachment.patches.append(self)
+            if self.pipeline is not None:
+                _PIPELINE_PATCHES[self.pipeline] = self
+                self.pipeline.__class__ = _patched_pipeline_class(type(self.pipeline))
+        except BaseException:
+            self._uninstall()
+            raise
+
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        attachment = _ATTACHMENTS.get(self.denoiser)
+        if attachment is not None:
+            attachment.patches = [p for p in attachment.patches if p is not self]
+            if not attachment.patches:
+                attachment.remove()
+                del _ATTACHMENTS[self.denoiser]
+        if self.pipeline is not None and _PIPELINE_PATCHES.get(self.pipeline) is self:
+            del _PIPELINE_PATCHES[self.pipeline]
+            base = getattr(type(self.pipeline), "_tlora_base_class", None)
+            if base is not None and type(self.pipeline) is _PATCHED_CLASSES.get(base):
+                self.pipeline.__class__ = base
+
+    # -- per call -----------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        """``T`` of the schedule: the pipeline scheduler's ``num_train_timesteps`` at call time."""
+        if self.pipeline is None:
+            T, source = self._bare_timesteps, "num_train_timesteps"
+        else:
+            T = getattr(self.pipeline.scheduler.config, "num_train_timesteps", None)
+            source = f"{type(self.pipeline.scheduler).__name__}.config.num_train_timesteps"
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"{source} must be an int >= 1, got {T!r}")
+        return T
+
+    def _run_pipeline(self, call: Any, pipe: Any, args: tuple, kwargs: dict) -> Any:
+        self.check()
+        _PIPELINE_PATCH.set(self)
+        return call(pipe, *args, **kwargs)
+
+    def check(self) -> None:
+        """Raise if a masked adapter was fused, deleted or replaced since patching.
+
+        Runs at the start of every pipeline call: a fused LoRA would otherwise run
+        unmasked without a word.
+        """
+        if self._removed:
+            raise RuntimeError("this TLoRAPatch was removed")
+        for site in self._sites:
+            reason = site.still_valid()
+            if reason:
+                raise RuntimeError(f"T-LoRA patch can no longer mask {site.name}: {reason}")
+
+    # -- handle -------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        """The masked layers, as ``module path (adapter name)``."""
+        return [s.name for s in self._sites]
+
+    def remove(self) -> None:
+        """Detach every hook and restore the pipeline class; idempotent."""
+        if not self._removed:
+            self._removed = True
+            self._uninstall()
+
+    def __enter__(self) -> "TLoRAPatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else f"{len(self._sites)} layers"
+        return (
+            f"TLoRAPatch({type(self.denoiser).__name__}, {self.config}, adapters={self.adapter_names}, {state})"
+        )
