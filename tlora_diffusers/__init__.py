@@ -4,7 +4,7 @@ from .backends import LayerBackend, MaskSite, register_layer_backend
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter, register_model_adapter, supported_models
 from .patch import TLoRAPatch
-from .schedule import active_rank, rank_mask
+from .schedule import active_rank, lora_rank_mask, rank_mask
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "TLoRAPatch",
     "active_rank",
     "rank_mask",
+    "lora_rank_mask",
     "ModelAdapter",
     "register_model_adapter",
     "get_model_adapter",

@@ -6,7 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["TLoRAConfig", "CONFIG_FORMAT_VERSION", "MAX_SUPPORTED_RANK"]
+__all__ = ["TLoRAConfig", "CONFIG_FORMAT_VERSION", "MAX_SUPPORTED_RANK", "LAYOUTS"]
+
+#: How LoRA ranks map to schedule ranks. ``plain``: LoRA rank ``max_rank``, rank i is
+#: schedule rank i. ``paired``: LoRA rank ``2 * max_rank``, LoRA ranks ``2i`` and
+#: ``2i + 1`` share schedule rank i (an orthogonal T-LoRA written as an exact PEFT LoRA).
+LAYOUTS = ("plain", "paired")
 
 #: Version of the dictionary written by :meth:`TLoRAConfig.to_dict`.
 CONFIG_FORMAT_VERSION = 1
@@ -32,6 +37,8 @@ class TLoRAConfig:
         min_rank: ranks active at the noisiest timestep ``t = T``; in ``[0, max_rank]``.
         alpha: schedule exponent; ``1.0`` is linear, larger values keep fewer ranks
             active at high noise for longer.
+        layout: ``"plain"`` (a LoRA of rank ``max_rank``) or ``"paired"`` (rank
+            ``2 * max_rank``, two LoRA ranks per schedule rank; see :data:`LAYOUTS`).
 
     Example:
         >>> cfg = TLoRAConfig(max_rank=64, min_rank=1, alpha=1.0)
@@ -42,6 +49,7 @@ class TLoRAConfig:
     max_rank: int
     min_rank: int = 1
     alpha: float = 1.0
+    layout: str = "plain"
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_rank) or not 1 <= self.max_rank <= MAX_SUPPORTED_RANK:
@@ -56,6 +64,13 @@ class TLoRAConfig:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"TLoRAConfig.alpha must be a finite number > 0, got {alpha!r}")
         object.__setattr__(self, "alpha", float(alpha))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"TLoRAConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of the LoRA layers this schedule masks."""
+        return self.max_rank * (2 if self.layout == "paired" else 1)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with a format version; inverse of :meth:`from_dict`."""
@@ -64,6 +79,7 @@ class TLoRAConfig:
             "max_rank": self.max_rank,
             "min_rank": self.min_rank,
             "alpha": self.alpha,
+            "layout": self.layout,
         }
 
     @classmethod
@@ -78,9 +94,11 @@ class TLoRAConfig:
                 f"TLoRAConfig format_version must be {CONFIG_FORMAT_VERSION}, got {version!r}; "
                 "upgrade tlora_diffusers to read this file"
             )
-        unknown = sorted(set(data) - {"max_rank", "min_rank", "alpha"})
+        unknown = sorted(set(data) - {"max_rank", "min_rank", "alpha", "layout"})
         if unknown:
-            raise ValueError(f"TLoRAConfig.from_dict got unknown keys {unknown}; allowed: max_rank, min_rank, alpha")
+            raise ValueError(
+                f"TLoRAConfig.from_dict got unknown keys {unknown}; allowed: max_rank, min_rank, alpha, layout"
+            )
         if "max_rank" not in data:
             raise ValueError("TLoRAConfig.from_dict needs 'max_rank'")
         return cls(**data)

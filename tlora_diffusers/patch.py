@@ -12,7 +12,7 @@ from ._context import _CURRENT, CallMask
 from .backends import MaskSite, find_mask_sites
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter
-from .schedule import rank_mask
+from .schedule import lora_rank_mask
 
 __all__ = ["TLoRAPatch"]
 
@@ -57,7 +57,7 @@ class _Attachment:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         patch = self._resolve(module)
         t = self.adapter.timestep(module, args, kwargs)
-        call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
+        call = CallMask(patch, module, lora_rank_mask(t, patch.config, patch.num_train_timesteps))
         call.token = _CURRENT.set(call)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -171,7 +171,7 @@ class TLoRAPatch:
         self.config = cfg
         self.num_train_timesteps  # validates a bare denoiser's T now
         adapter = get_model_adapter(self.denoiser)
-        self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg.max_rank, name)
+        self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg, name)
         self._check_not_patched()
         self._handles: list = []
         self._removed = False

@@ -10,7 +10,7 @@ import torch
 
 from .config import TLoRAConfig
 
-__all__ = ["active_rank", "rank_mask", "as_timesteps"]
+__all__ = ["active_rank", "rank_mask", "lora_rank_mask", "as_timesteps"]
 
 Timesteps = Union[int, float, torch.Tensor]
 
@@ -90,10 +90,26 @@ def rank_mask(
 ) -> torch.Tensor:
     """Binary mask of shape ``(*timesteps.shape, max_rank)``: the first ``active_rank`` entries are 1.
 
+    This is the schedule's mask; :func:`lora_rank_mask` expands it to a paired layout.
+
     Example:
         >>> rank_mask(500, TLoRAConfig(4, min_rank=0)).tolist()
         [1.0, 1.0, 0.0, 0.0]
     """
     r = active_rank(timesteps, cfg, num_train_timesteps)
     ranks = torch.arange(cfg.max_rank, device=r.device)
+    return (ranks < r.unsqueeze(-1)).to(dtype)
+
+
+def lora_rank_mask(
+    timesteps: Timesteps,
+    cfg: TLoRAConfig,
+    num_train_timesteps: int = 1000,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Mask over the LoRA's ``cfg.lora_rank`` ranks: :func:`rank_mask`, each entry twice if paired."""
+    r = active_rank(timesteps, cfg, num_train_timesteps)
+    ranks = torch.arange(cfg.lora_rank, device=r.device)
+    if cfg.layout == "paired":
+        ranks = ranks // 2
     return (ranks < r.unsqueeze(-1)).to(dtype)

@@ -13,6 +13,8 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch.nn as nn
 
+from ..config import TLoRAConfig
+
 __all__ = ["MaskSite", "LayerBackend", "register_layer_backend", "find_mask_sites", "layer_backends"]
 
 
@@ -59,7 +61,7 @@ def layer_backends() -> list[LayerBackend]:
 
 
 def find_mask_sites(
-    denoiser: nn.Module, adapter_names: Optional[Sequence[str]], max_rank: int, denoiser_name: str
+    denoiser: nn.Module, adapter_names: Optional[Sequence[str]], cfg: TLoRAConfig, denoiser_name: str
 ) -> tuple[list[str], list[MaskSite]]:
     """All mask sites of ``adapter_names`` (default: every active adapter) with their rank checked."""
     available = [a for b in _BACKENDS for a in b.active_adapters(denoiser)]
@@ -85,13 +87,14 @@ def find_mask_sites(
             f"adapter(s) {missing} have no LoRA layers in {denoiser_name}; "
             f"adapters found: {sorted(set(available)) or 'none'}"
         )
-    wrong = [s for s in sites if s.rank != max_rank]
+    wrong = [s for s in sites if s.rank != cfg.lora_rank]
     if wrong:
         s = wrong[0]
+        expected = f"max_rank={cfg.max_rank}" + (" with layout='paired' (LoRA rank 2*max_rank)" if cfg.layout == "paired" else "")
         raise ValueError(
             f"adapter {s.adapter!r} has rank {s.rank} at {s.name} ({len(wrong)} layer(s) differ), "
-            f"but TLoRAConfig.max_rank={max_rank}; use the adapter's rank as max_rank or pass "
-            "adapter_names=[...] to mask only the T-LoRA adapters"
+            f"but TLoRAConfig {expected} needs rank {cfg.lora_rank}; use the adapter's rank as max_rank "
+            "or pass adapter_names=[...] to mask only the T-LoRA adapters"
         )
     return adapters, sites
 

@@ -67,7 +67,7 @@ class PeftBackend:
             )
 
         def still_valid() -> Optional[str]:
-            if layer.lora_A.get(adapter) is not lora_a:
+            if adapter not in layer.lora_A or layer.lora_A[adapter] is not lora_a:
                 return f"adapter {adapter!r} was deleted or replaced at {name}"
             return _unmaskable(layer, adapter)
 

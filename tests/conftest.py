@@ -1,0 +1,54 @@
+"""Shared fixtures: offline, single-threaded, tiny models with non-zero LoRAs."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from peft import LoraConfig
+
+torch.set_num_threads(1)
+
+#: LoRA targets per tiny pipeline kind: attention, feed-forward and (SDXL) 3x3 convs.
+LORA_TARGETS = {
+    "sdxl": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"],
+    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "ff.net.0.proj"],
+    "flux2-klein": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_qkv_mlp_proj"],
+    "flux2": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_qkv_mlp_proj"],
+    "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj"],
+}
+
+
+def add_lora(denoiser: torch.nn.Module, kind: str, rank: int = 8, *, name: str = "default", seed: int = 0,
+             alpha: float | None = None, **kw) -> None:
+    """Attach a PEFT LoRA with random, non-zero A and B (so every rank changes the output)."""
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS[kind],
+                     init_lora_weights=False, **kw)
+    denoiser.add_adapter(cfg, adapter_name=name)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in denoiser.named_parameters():
+            if f"lora_B.{name}." in n or f"lora_A.{name}." in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+
+
+def reference_rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int = 1000) -> int:
+    """The paper's formula, written out independently in Python floats (eq. 6)."""
+    t = min(max(float(t), 0.0), float(T))
+    return int(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank
+
+
+def state_hash(module: torch.nn.Module) -> dict:
+    """Bit-exact fingerprint of a module's state_dict."""
+    return {k: (tuple(v.shape), v.dtype, v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                if v.numel() else b"") for k, v in module.state_dict().items()}
+
+
+@pytest.fixture
+def tiny():
+    from tlora_diffusers.tiny import tiny_pipeline
+
+    return tiny_pipeline

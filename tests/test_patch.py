@@ -1,0 +1,400 @@
+"""TLoRAPatch on tiny denoisers, against independent references."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import add_lora, reference_rank, state_hash
+from peft import LoraConfig
+
+from tlora_diffusers import TLoRAConfig, TLoRAPatch
+from tlora_diffusers._context import current_call
+from tlora_diffusers.tiny import tiny_pipeline, tiny_prompt_embeds
+
+
+def sdxl_unet_inputs(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        sample=torch.randn(batch, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, 6, 64, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
+    )
+
+
+@pytest.fixture
+def unet():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl", rank=8)
+    return pipe.unet
+
+
+def _fit_inputs(unet, batch=1, seed=0):
+    """Inputs sized from the tiny UNet's own config."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    te = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return dict(
+        sample=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, 5, cfg.cross_attention_dim, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, te, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
+    )
+
+
+def truncated_copy(model: torch.nn.Module, rank: int, adapter: str = "default") -> torch.nn.Module:
+    """Independent reference: a copy whose LoRA down-projections keep only their first `rank` rows."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if f"lora_A.{adapter}." in name:
+                p[rank:] = 0
+    return ref
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t", [0, 1, 250, 499.5, 750, 999, 1000])
+def test_masked_unet_equals_truncated_lora(unet, t):
+    cfg = TLoRAConfig(8, 1, 1.0)
+    x = _fit_inputs(unet)
+    expected = truncated_copy(unet, reference_rank(t, 8, 1, 1.0))(timestep=t, **x).sample
+    with TLoRAPatch(unet, cfg):
+        got = unet(timestep=t, **x).sample
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_masked_flux_equals_truncated_lora():
+    pipe = tiny_pipeline("flux")
+    add_lora(pipe.transformer, "flux", rank=8)
+    out = {}
+
+    def capture(module, args, kwargs):
+        out.update(kwargs)
+
+    h = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    pipe(**tiny_prompt_embeds(pipe), num_inference_steps=1, height=64, width=64, output_type="latent")
+    h.remove()
+    cfg = TLoRAConfig(8, 2, 2.0)
+    for t in (0.9, 0.5, 0.05):
+        kw = dict(out, timestep=torch.tensor([t]))
+        expected = truncated_copy(pipe.transformer, reference_rank(t * 1000, 8, 2, 2.0))(**kw)[0]
+        with TLoRAPatch(pipe.transformer, cfg):
+            got = pipe.transformer(**kw)[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_per_sample_timesteps_equal_one_by_one(unet):
+    x = _fit_inputs(unet, batch=3)
+    t = torch.tensor([10.0, 500.0, 990.0])
+    with TLoRAPatch(unet, TLoRAConfig(8, 1)):
+        batched = unet(timestep=t, **x).sample
+        for i in range(3):
+            xi = {"sample": x["sample"][i:i + 1], "encoder_hidden_states": x["encoder_hidden_states"][i:i + 1],
+                  "added_cond_kwargs": {k: v[i:i + 1] for k, v in x["added_cond_kwargs"].items()}}
+            single = unet(timestep=t[i:i + 1], **xi).sample
+            other = unet(timestep=t[(i + 1) % 3:(i + 1) % 3 + 1], **xi).sample
+            torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-4, atol=2e-4)
+            assert (batched[i:i + 1] - other).abs().max() > 100 * 2e-4  # a wrong mask would be caught
+
+
+@torch.no_grad()
+def test_full_rank_is_identical_and_remove_restores(unet):
+    x = _fit_inputs(unet)
+    before = unet(timestep=600, **x).sample
+    with TLoRAPatch(unet, TLoRAConfig(8, 8)):
+        assert torch.equal(unet(timestep=600, **x).sample, before)
+    patch = TLoRAPatch(unet, TLoRAConfig(8, 1))
+    assert not torch.equal(unet(timestep=600, **x).sample, before)
+    patch.remove()
+    patch.remove()  # idempotent
+    assert torch.equal(unet(timestep=600, **x).sample, before)
+
+
+@torch.no_grad()
+def test_exception_inside_denoiser_leaves_no_mask_active(unet):
+    x = _fit_inputs(unet)
+    patch = TLoRAPatch(unet, TLoRAConfig(8, 1))
+    seen = []
+
+    def boom(module, args):
+        seen.append(current_call())
+        raise RuntimeError("boom")
+
+    h = unet.mid_block.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        unet(timestep=900, **x)
+    h.remove()
+    assert seen[0] is not None and seen[0].owner is patch  # the mask was active inside the call
+    assert current_call() is None  # and is gone after it raised
+    expected = truncated_copy(unet, reference_rank(100, 8, 1, 1.0))(timestep=100, **x).sample
+    assert torch.equal(unet(timestep=100, **x).sample, expected)
+    patch.remove()
+
+
+@torch.no_grad()
+def test_keyboard_interrupt_inside_pipeline_leaves_no_mask_active():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    kw = dict(tiny_prompt_embeds(pipe), num_inference_steps=3, height=64, width=64, output_type="np")
+    with TLoRAPatch(pipe, TLoRAConfig(8, 1)):
+        clean = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        h = pipe.unet.mid_block.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            pipe(**kw)
+        h.remove()
+        assert current_call() is None
+        again = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert (clean == again).all()
+
+
+def _no_hooks_left(module):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+
+
+def test_lossless_remove_and_cycles():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    cls, h0, fwd = type(pipe), state_hash(pipe.unet), pipe.unet.forward
+    attrs = set(vars(pipe.unet)), set(vars(pipe))
+    for _ in range(3):
+        patch = TLoRAPatch(pipe, TLoRAConfig(8, 2))
+        assert type(pipe) is not cls and isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
+        patch.remove()
+    assert type(pipe) is cls
+    assert state_hash(pipe.unet) == h0
+    assert pipe.unet.forward == fwd and "forward" not in vars(pipe.unet)
+    assert _no_hooks_left(pipe.unet)
+    assert (set(vars(pipe.unet)), set(vars(pipe))) == attrs
+
+
+def test_pipeline_patch_via_context_manager_and_repr():
+    pipe = tiny_pipeline("flux")
+    add_lora(pipe.transformer, "flux")
+    with TLoRAPatch(pipe, TLoRAConfig(8, 1, 0.5)) as patch:
+        assert "FluxTransformer2DModel" in repr(patch) and patch.adapter_names == ["default"]
+        assert any("to_q" in n for n in patch.layer_names)
+    assert "removed" in repr(patch) and _no_hooks_left(pipe.transformer)
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_error_no_lora_layers():
+    pipe = tiny_pipeline("sdxl")
+    with pytest.raises(ValueError, match=r"pipe.unet has no LoRA layers to mask: load a LoRA first"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+
+
+def test_error_fused_lora_refused_and_unchanged():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    pipe.unet.fuse_lora() if hasattr(pipe.unet, "fuse_lora") else None
+    for layer in pipe.unet.modules():
+        if hasattr(layer, "merge") and hasattr(layer, "lora_A"):
+            layer.merge() if not layer.merged else None
+    cls, h0 = type(pipe), state_hash(pipe.unet)
+    with pytest.raises(ValueError, match="fused into the base weights.*unfuse_lora"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+    assert type(pipe) is cls and state_hash(pipe.unet) == h0 and _no_hooks_left(pipe.unet)
+
+
+def test_error_fused_after_patching_detected_at_call():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    patch = TLoRAPatch(pipe, TLoRAConfig(8))
+    for layer in pipe.unet.modules():
+        if hasattr(layer, "merge") and hasattr(layer, "lora_A"):
+            layer.merge()
+    with pytest.raises(RuntimeError, match="can no longer mask .*fused"):
+        pipe(**tiny_prompt_embeds(pipe), num_inference_steps=1, height=64, width=64)
+    patch.remove()
+
+
+def test_error_dora():
+    pipe = tiny_pipeline("sdxl")
+    pipe.unet.add_adapter(LoraConfig(r=8, target_modules=["to_q"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA adapters are not supported"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+
+
+def test_error_rank_mismatch_names_adapter_and_adapter_selection():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl", rank=8, name="tlora")
+    add_lora(pipe.unet, "sdxl", rank=4, name="style", seed=5)
+    pipe.unet.set_adapters(["tlora", "style"])
+    with pytest.raises(ValueError, match=r"adapter 'style' has rank 4 at .* but TLoRAConfig.max_rank=8"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['nope'\] have no LoRA layers.*\['style', 'tlora'\]"):
+        TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["nope"])
+    x = _fit_inputs(pipe.unet)
+    with torch.no_grad():
+        expected = truncated_copy(pipe.unet, reference_rank(700, 8, 1, 1.0), "tlora")(timestep=700, **x).sample
+        with TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["tlora"]) as patch:
+            assert patch.adapter_names == ["tlora"]
+            torch.testing.assert_close(pipe.unet(timestep=700, **x).sample, expected, rtol=0, atol=0)
+
+
+def test_error_unknown_denoiser_lists_supported_and_how_to_register():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"no T-LoRA model adapter for Sequential; supported: .*UNet2DConditionModel.*register_model_adapter"):
+        TLoRAPatch(model, TLoRAConfig(4))
+
+
+def test_error_double_patch():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    patch = TLoRAPatch(pipe, TLoRAConfig(8))
+    with pytest.raises(RuntimeError, match="already T-LoRA patched; call .remove"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+    with pytest.raises(RuntimeError, match="already T-LoRA patched"):
+        TLoRAPatch(pipe.unet, TLoRAConfig(8))
+    patch.remove()
+    bare = TLoRAPatch(pipe.unet, TLoRAConfig(8))
+    with pytest.raises(RuntimeError, match="already T-LoRA patched"):
+        TLoRAPatch(pipe.unet, TLoRAConfig(8))
+    with pytest.raises(RuntimeError, match="already T-LoRA patched"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+    bare.remove()
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, fragment",
+    [
+        (dict(cfg=None), ValueError, "TLoRAPatch needs cfg=TLoRAConfig"),
+        (dict(cfg={"max_rank": 8}), TypeError, "cfg must be a TLoRAConfig, got dict"),
+        (dict(cfg=TLoRAConfig(8), num_train_timesteps=0), ValueError, "num_train_timesteps must be an int >= 1, got 0"),
+    ],
+)
+def test_error_bad_arguments(unet, kwargs, exc, fragment):
+    with pytest.raises(exc) as e:
+        TLoRAPatch(unet, **kwargs)
+    assert fragment in str(e.value)
+    assert _no_hooks_left(unet)
+
+
+def test_error_pipeline_arguments():
+    with pytest.raises(TypeError, match="needs a diffusers pipeline with a `unet` or `transformer`.*got object"):
+        TLoRAPatch(object(), TLoRAConfig(8))
+    pipe = tiny_pipeline("flux")
+    add_lora(pipe.transformer, "flux")
+    with pytest.raises(TypeError, match="num_train_timesteps is read from pipe.scheduler"):
+        TLoRAPatch(pipe, TLoRAConfig(8), num_train_timesteps=1000)
+
+
+@torch.no_grad()
+def test_error_missing_timestep_and_bad_timestep(unet):
+    x = _fit_inputs(unet)
+    with TLoRAPatch(unet, TLoRAConfig(8)):
+        with pytest.raises(ValueError, match="called without `timestep`"):
+            unet(timestep=None, **x)
+        with pytest.raises(ValueError, match="must be finite"):
+            unet(timestep=torch.tensor(float("nan")), **x)
+        assert current_call() is None
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A user's own denoiser: timestep third, in units of 1/10 scheduler step."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x, cond, t):
+        return self.proj(x)
+
+
+@torch.no_grad()
+def test_register_model_adapter_and_batch_mismatch():
+    from tlora_diffusers import ModelAdapter, register_model_adapter
+
+    model = TinyDenoiser()
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False), model)
+    with pytest.raises(TypeError, match="no T-LoRA model adapter for TinyDenoiser"):
+        TLoRAPatch(model, TLoRAConfig(4, 0))
+    register_model_adapter(TinyDenoiser, ModelAdapter(timestep_arg="t", scale=10.0))
+    x = torch.randn(2, 3, 4)
+    with TLoRAPatch(model, TLoRAConfig(4, 0)):
+        full = model(x, None, 0.0)
+        lora_a = model.proj.lora_A["default"]
+        spy = []
+        h = lora_a.register_forward_hook(lambda m, a, o: spy.append(o))
+        model(x, None, torch.tensor([50.0, 99.0]))  # scheduler units 500 and 990
+        h.remove()
+        assert spy[0][0].abs().amax(0).gt(0).sum() == 2 and spy[0][1].abs().amax(0).gt(0).sum() == 0
+        assert torch.equal(model(x, None, t=0.0), full)
+        with pytest.raises(ValueError, match="received a batch of 2 but the denoiser call has 3 per-sample timesteps"):
+            model(x, None, torch.tensor([1.0, 2.0, 3.0]))
+
+
+# -- shared denoisers -----------------------------------------------------------------------
+
+
+def _rank_spy(denoiser, log):
+    name, module = next((n, m) for n, m in denoiser.named_modules() if n.endswith("lora_A.default"))
+    dims = -1 if isinstance(module, torch.nn.Linear) else 1
+
+    def spy(m, a, out):
+        moved = out.movedim(dims, -1).reshape(-1, out.shape[dims])
+        log.append(int((moved.abs().amax(0) > 0).sum()))
+
+    return module.register_forward_hook(spy)
+
+
+@torch.no_grad()
+def test_from_pipe_pipelines_sharing_a_denoiser_use_their_own_configs():
+    from diffusers import StableDiffusionXLPipeline
+
+    a = tiny_pipeline("sdxl")
+    add_lora(a.unet, "sdxl")
+    b = StableDiffusionXLPipeline.from_pipe(a)
+    b.scheduler = copy.deepcopy(a.scheduler)
+    assert b.unet is a.unet
+    pa, pb = TLoRAPatch(a, TLoRAConfig(8, 1, 1.0)), TLoRAPatch(b, TLoRAConfig(8, 4, 3.0))
+    kw = dict(tiny_prompt_embeds(a), num_inference_steps=3, height=64, width=64, output_type="np")
+    log = []
+    h = _rank_spy(a.unet, log)
+    a(**kw)
+    ta = a.scheduler.timesteps.tolist()
+    b(**kw)
+    tb = b.scheduler.timesteps.tolist()
+    h.remove()
+    assert log == [reference_rank(t, 8, 1, 1.0) for t in ta] + [reference_rank(t, 8, 4, 3.0) for t in tb]
+    with pytest.raises(RuntimeError, match="carries 2 T-LoRA patches"):
+        a.unet(timestep=10, **_fit_inputs(a.unet))
+    pa.remove()
+    pb.remove()
+    assert _no_hooks_left(a.unet)
+
+
+@torch.no_grad()
+def test_threads_do_not_share_masks():
+    from diffusers import StableDiffusionXLPipeline
+
+    a = tiny_pipeline("sdxl")
+    add_lora(a.unet, "sdxl")
+    b = StableDiffusionXLPipeline.from_pipe(a)
+    b.scheduler = copy.deepcopy(a.scheduler)
+    kw = dict(tiny_prompt_embeds(a), num_inference_steps=4, height=64, width=64, output_type="np")
+    with TLoRAPatch(a, TLoRAConfig(8, 1, 1.0)), TLoRAPatch(b, TLoRAConfig(8, 6, 0.3)):
+        seq = [p(**kw, generator=torch.Generator().manual_seed(0)).images for p in (a, b)]
+        results, errors = {}, []
+        barrier = threading.Barrier(2)
+
+        def run(name, pipe):
+            try:
+                barrier.wait()
+                for _ in range(3):
+                    results.setdefault(name, []).append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("a", a), ("b", b))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert not errors
+    assert not (seq[0] == seq[1]).all()
+    assert all((img == seq[0]).all() for img in results["a"])
+    assert all((img == seq[1]).all() for img in results["b"])
