@@ -2,6 +2,7 @@
 
 from .backends import LayerBackend, MaskSite, register_layer_backend
 from .config import TLoRAConfig
+from .io import LoadedTLoRA, TLoRAFileMetadata, load_tlora, read_tlora, save_tlora
 from .models import ModelAdapter, get_model_adapter, register_model_adapter, supported_models
 from .patch import TLoRAPatch
 from .schedule import active_rank, lora_rank_mask, rank_mask
@@ -11,6 +12,11 @@ __version__ = "0.1.0"
 __all__ = [
     "TLoRAConfig",
     "TLoRAPatch",
+    "load_tlora",
+    "read_tlora",
+    "save_tlora",
+    "LoadedTLoRA",
+    "TLoRAFileMetadata",
     "active_rank",
     "rank_mask",
     "lora_rank_mask",

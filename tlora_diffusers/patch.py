@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch.nn as nn
 
 from ._context import _CURRENT, CallMask
-from .backends import MaskSite, find_mask_sites
+from .backends import MaskSite, active_adapters, find_mask_sites
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter
 from .schedule import lora_rank_mask
@@ -108,6 +108,44 @@ def _patched_pipeline_class(cls: type) -> type:
     return sub
 
 
+def _resolve_config(
+    denoiser: nn.Module, cfg: Optional[TLoRAConfig], adapter_names: Optional[Sequence[str]], name: str
+) -> TLoRAConfig:
+    """``cfg``, or the config the loaded T-LoRA files carry; a contradiction is an error."""
+    from .io.format import config_from_peft
+
+    if cfg is not None and not isinstance(cfg, TLoRAConfig):
+        raise TypeError(f"cfg must be a TLoRAConfig, got {type(cfg).__name__}")
+    adapters = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    adapters = list(adapters) if adapters is not None else active_adapters(denoiser)
+    peft_configs = getattr(denoiser, "peft_config", None) or {}
+    from_files = {}
+    for adapter in adapters:
+        meta = config_from_peft(peft_configs.get(adapter))
+        if meta is not None:
+            from_files[adapter] = meta.config
+    if cfg is not None:
+        for adapter, file_cfg in from_files.items():
+            if file_cfg != cfg:
+                raise ValueError(
+                    f"cfg={cfg} contradicts the T-LoRA config {file_cfg} loaded with adapter {adapter!r}; "
+                    "omit cfg to use the file's config"
+                )
+        return cfg
+    missing = [a for a in adapters if a not in from_files]
+    if missing or not from_files:
+        raise ValueError(
+            "TLoRAPatch needs cfg=TLoRAConfig(max_rank=..., min_rank=..., alpha=...): no T-LoRA config was "
+            f"found for adapter(s) {missing or adapters} of {name} (files saved by tlora_diffusers carry one)"
+        )
+    configs = set(from_files.values())
+    if len(configs) > 1:
+        raise ValueError(
+            f"the loaded adapters carry different T-LoRA configs {from_files}; patch them separately with adapter_names"
+        )
+    return configs.pop()
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # torch.compile's OptimizedModule
 
@@ -161,14 +199,7 @@ class TLoRAPatch:
             self.denoiser = _unwrap(getattr(target, attr))
             self._bare_timesteps = None
             name = f"pipe.{attr}"
-        if cfg is None:
-            raise ValueError(
-                "TLoRAPatch needs cfg=TLoRAConfig(max_rank=..., min_rank=..., alpha=...): "
-                f"no T-LoRA config was found in the adapters loaded into {name}"
-            )
-        if not isinstance(cfg, TLoRAConfig):
-            raise TypeError(f"cfg must be a TLoRAConfig, got {type(cfg).__name__}")
-        self.config = cfg
+        self.config = cfg = _resolve_config(self.denoiser, cfg, adapter_names, name)
         self.num_train_timesteps  # validates a bare denoiser's T now
         adapter = get_model_adapter(self.denoiser)
         self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg, name)

@@ -60,13 +60,18 @@ def layer_backends() -> list[LayerBackend]:
     return list(_BACKENDS)
 
 
+def active_adapters(denoiser: nn.Module) -> list[str]:
+    """Every active adapter any backend finds, in a stable order."""
+    return list(dict.fromkeys(a for b in _BACKENDS for a in b.active_adapters(denoiser)))
+
+
 def find_mask_sites(
     denoiser: nn.Module, adapter_names: Optional[Sequence[str]], cfg: TLoRAConfig, denoiser_name: str
 ) -> tuple[list[str], list[MaskSite]]:
     """All mask sites of ``adapter_names`` (default: every active adapter) with their rank checked."""
-    available = [a for b in _BACKENDS for a in b.active_adapters(denoiser)]
+    available = active_adapters(denoiser)
     if adapter_names is None:
-        adapters = list(dict.fromkeys(available))
+        adapters = available
         if not adapters:
             raise ValueError(
                 f"{denoiser_name} has no LoRA layers to mask: load a LoRA first "
