@@ -22,7 +22,7 @@ LORA_TARGETS = {
 
 
 def add_lora(denoiser: torch.nn.Module, kind: str, rank: int = 8, *, name: str = "default", seed: int = 0,
-             alpha: float | None = None, **kw) -> None:
+             alpha: float | None = None, std: float = 0.3, **kw) -> None:
     """Attach a PEFT LoRA with random, non-zero A and B (so every rank changes the output)."""
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=LORA_TARGETS[kind],
@@ -32,7 +32,7 @@ def add_lora(denoiser: torch.nn.Module, kind: str, rank: int = 8, *, name: str =
     with torch.no_grad():
         for n, p in denoiser.named_parameters():
             if f"lora_B.{name}." in n or f"lora_A.{name}." in n:
-                p.copy_(torch.randn_like(p) * 0.3)
+                p.copy_(torch.randn_like(p) * std)
 
 
 def reference_rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int = 1000) -> int:

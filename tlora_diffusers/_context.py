@@ -32,12 +32,15 @@ class CallMask:
         self._views: dict[tuple, torch.Tensor] = {}
         self.token: Optional[contextvars.Token] = None
 
-    def view_for(self, output: torch.Tensor, rank_dim: int, where: str) -> torch.Tensor:
-        """The mask on ``output``'s device and dtype, shaped to broadcast over ``rank_dim``."""
-        key = (output.device, output.dtype, output.ndim, rank_dim)
+    def view_for(self, output: torch.Tensor, rank_dim: int, where: str, paired: bool = False) -> torch.Tensor:
+        """The mask on ``output``'s device and dtype, shaped to broadcast over ``rank_dim``.
+
+        ``paired``: LoRA ranks 2i and 2i+1 both take schedule rank i.
+        """
+        key = (output.device, output.dtype, output.ndim, rank_dim, paired)
         view = self._views.get(key)
         if view is None:
-            view = self._make_view(output, rank_dim, where)
+            view = self._make_view(output, rank_dim, where, paired)
             self._views[key] = view
         if self.batch is not None and output.shape[0] != self.batch:
             raise ValueError(
@@ -46,8 +49,10 @@ class CallMask:
             )
         return view
 
-    def _make_view(self, output: torch.Tensor, rank_dim: int, where: str) -> torch.Tensor:
+    def _make_view(self, output: torch.Tensor, rank_dim: int, where: str, paired: bool) -> torch.Tensor:
         mask = self.mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
+        if paired:
+            mask = mask.repeat_interleave(2, dim=-1)
         rank = mask.shape[-1]
         if output.shape[rank_dim] != rank:
             raise ValueError(

@@ -6,13 +6,14 @@ import contextvars
 import weakref
 from typing import Any, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
-from ._context import _CURRENT, CallMask
+from ._context import _CURRENT, CallMask, use_call
 from .backends import MaskSite, active_adapters, find_mask_sites
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter
-from .schedule import lora_rank_mask
+from .schedule import rank_mask
 
 __all__ = ["TLoRAPatch"]
 
@@ -57,7 +58,9 @@ class _Attachment:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         patch = self._resolve(module)
         t = self.adapter.timestep(module, args, kwargs)
-        call = CallMask(patch, module, lora_rank_mask(t, patch.config, patch.num_train_timesteps))
+        call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
+        if torch.is_grad_enabled():
+            _wrap_checkpointing(module)
         call.token = _CURRENT.set(call)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -66,25 +69,75 @@ class _Attachment:
             token, call.token = call.token, None
             _CURRENT.reset(token)
 
-    def remove(self) -> None:
+    def remove(self, denoiser: nn.Module) -> None:
         for handle in self.handles:
             handle.remove()
+        _unwrap_checkpointing(denoiser)
+
+
+class _MaskedCheckpointing:
+    """Wraps a diffusers ``_gradient_checkpointing_func`` so recomputed forwards see the call's mask.
+
+    Recomputation runs during ``backward``, after the denoiser call (and its mask) has
+    ended, possibly on another thread; the wrapper closes over the call's mask instead.
+    """
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, block: nn.Module, *args: Any) -> Any:
+        call = _CURRENT.get()
+        if call is None:
+            return self.inner(block, *args)
+        return self.inner(_BlockWithMask(block, call), *args)
+
+
+class _BlockWithMask:
+    """A checkpointed block bound to one call's mask (forward and recompute alike)."""
+
+    __slots__ = ("block", "call")
+
+    def __init__(self, block: nn.Module, call: CallMask) -> None:
+        self.block, self.call = block, call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with use_call(self.call):
+            return self.block(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.block, name)
+
+
+def _wrap_checkpointing(denoiser: nn.Module) -> None:
+    for module in denoiser.modules():
+        inner = module.__dict__.get("_gradient_checkpointing_func")
+        if inner is not None and not isinstance(inner, _MaskedCheckpointing):
+            module._gradient_checkpointing_func = _MaskedCheckpointing(inner)
+
+
+def _unwrap_checkpointing(denoiser: nn.Module) -> None:
+    for module in denoiser.modules():
+        inner = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(inner, _MaskedCheckpointing):
+            module._gradient_checkpointing_func = inner.inner
 
 
 class _RankMaskHook:
     """Forward hook on the module that outputs the rank dimension: multiplies by the call's mask."""
 
-    __slots__ = ("owner", "site")
+    __slots__ = ("owner", "rank_dim", "name", "paired")
 
     def __init__(self, owner: "TLoRAPatch", site: MaskSite) -> None:
         self.owner = owner
-        self.site = site
+        self.rank_dim, self.name, self.paired = site.rank_dim, site.name, site.layout == "paired"
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         call = _CURRENT.get()
         if call is None or call.owner is not self.owner:
             return None
-        return output * call.view_for(output, self.site.rank_dim, self.site.name)
+        return output * call.view_for(output, self.rank_dim, self.name, self.paired)
 
 
 def _patched_pipeline_class(cls: type) -> type:
@@ -247,7 +300,7 @@ class TLoRAPatch:
         if attachment is not None:
             attachment.patches = [p for p in attachment.patches if p is not self]
             if not attachment.patches:
-                attachment.remove()
+                attachment.remove(self.denoiser)
                 del _ATTACHMENTS[self.denoiser]
         if self.pipeline is not None and _PIPELINE_PATCHES.get(self.pipeline) is self:
             del _PIPELINE_PATCHES[self.pipeline]

@@ -23,7 +23,8 @@ class MaskSite:
     """One place the mask is applied: ``module``'s output, multiplied along ``rank_dim``.
 
     ``still_valid`` returns ``None`` while the site can be masked, else the reason it
-    cannot any more (e.g. the adapter was fused or deleted after patching).
+    cannot any more (e.g. the adapter was fused or deleted after patching). ``layout``
+    ``"paired"`` means two consecutive ranks share one schedule rank.
     """
 
     name: str
@@ -32,6 +33,11 @@ class MaskSite:
     rank_dim: int
     rank: int
     still_valid: Callable[[], Optional[str]]
+    layout: str = "plain"
+
+    @property
+    def schedule_rank(self) -> int:
+        return self.rank // 2 if self.layout == "paired" else self.rank
 
 
 class LayerBackend(Protocol):
@@ -42,8 +48,9 @@ class LayerBackend(Protocol):
     def active_adapters(self, denoiser: nn.Module) -> list[str]:
         """Adapters this backend would mask by default, in a stable order."""
 
-    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str]) -> list[MaskSite]:
-        """Sites for ``adapters``; raises ``ValueError`` for layers that cannot be masked."""
+    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str], layout: str = "plain") -> list[MaskSite]:
+        """Sites for ``adapters`` (``layout`` from the config, for layers that cannot tell);
+        raises ``ValueError`` for layers that cannot be masked."""
 
 
 _BACKENDS: list[LayerBackend] = []
@@ -84,7 +91,7 @@ def find_mask_sites(
         adapters = list(dict.fromkeys(adapter_names))
         if not adapters:
             raise ValueError("adapter_names must name at least one adapter, got an empty list")
-    sites = [s for b in _BACKENDS for s in b.mask_sites(denoiser, adapters)]
+    sites = [s for b in _BACKENDS for s in b.mask_sites(denoiser, adapters, cfg.layout)]
     found = {s.adapter for s in sites}
     missing = [a for a in adapters if a not in found]
     if missing:
@@ -92,18 +99,20 @@ def find_mask_sites(
             f"adapter(s) {missing} have no LoRA layers in {denoiser_name}; "
             f"adapters found: {sorted(set(available)) or 'none'}"
         )
-    wrong = [s for s in sites if s.rank != cfg.lora_rank]
+    wrong = [s for s in sites if s.rank != cfg.max_rank * (2 if s.layout == "paired" else 1)]
     if wrong:
         s = wrong[0]
-        expected = f"max_rank={cfg.max_rank}" + (" with layout='paired' (LoRA rank 2*max_rank)" if cfg.layout == "paired" else "")
+        expected = f"max_rank={cfg.max_rank}" + (" with layout='paired' (LoRA rank 2*max_rank)" if s.layout == "paired" else "")
         raise ValueError(
             f"adapter {s.adapter!r} has rank {s.rank} at {s.name} ({len(wrong)} layer(s) differ), "
-            f"but TLoRAConfig {expected} needs rank {cfg.lora_rank}; use the adapter's rank as max_rank "
-            "or pass adapter_names=[...] to mask only the T-LoRA adapters"
+            f"but TLoRAConfig {expected} needs rank {cfg.max_rank * (2 if s.layout == 'paired' else 1)}; use the "
+            "adapter's rank as max_rank or pass adapter_names=[...] to mask only the T-LoRA adapters"
         )
     return adapters, sites
 
 
+from .native import NativeBackend  # noqa: E402
 from .peft import PeftBackend  # noqa: E402
 
 register_layer_backend(PeftBackend())
+register_layer_backend(NativeBackend())

@@ -40,16 +40,16 @@ class PeftBackend:
                     names[adapter] = None
         return list(names)
 
-    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str]) -> list[MaskSite]:
+    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str], layout: str = "plain") -> list[MaskSite]:
         sites = []
         for name, layer in _lora_layers(denoiser):
             for adapter in adapters:
-                site = self._site(name, layer, adapter)
+                site = self._site(name, layer, adapter, layout)
                 if site is not None:
                     sites.append(site)
         return sites
 
-    def _site(self, name: str, layer: nn.Module, adapter: str) -> Optional[MaskSite]:
+    def _site(self, name: str, layer: nn.Module, adapter: str, layout: str) -> Optional[MaskSite]:
         where = f"{name} (adapter {adapter!r})"
         if adapter in layer.lora_embedding_A:
             raise ValueError(f"cannot mask {where}: T-LoRA masking supports Linear and Conv layers, not Embedding")
@@ -71,7 +71,7 @@ class PeftBackend:
                 return f"adapter {adapter!r} was deleted or replaced at {name}"
             return _unmaskable(layer, adapter)
 
-        return MaskSite(where, adapter, lora_a, rank_dim, int(layer.r[adapter]), still_valid)
+        return MaskSite(where, adapter, lora_a, rank_dim, int(layer.r[adapter]), still_valid, layout)
 
 
 def _unmaskable(layer: nn.Module, adapter: str) -> Optional[str]:
