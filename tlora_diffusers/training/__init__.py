@@ -2,6 +2,7 @@
 
 from .ortho import add_ortho_tlora, export_ortho_peft, orthogonality_penalty, remove_ortho_tlora
 from .targets import DEFAULT_TARGETS, resolve_targets
+from .trainer import TrainConfig, TrainResult, train
 
 __all__ = [
     "add_ortho_tlora",
@@ -10,4 +11,7 @@ __all__ = [
     "orthogonality_penalty",
     "resolve_targets",
     "DEFAULT_TARGETS",
+    "TrainConfig",
+    "TrainResult",
+    "train",
 ]

@@ -1,0 +1,155 @@
+"""The DreamBooth trainer end to end on tiny models: files stock diffusers loads, resume, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tlora_diffusers import TLoRAConfig, TLoRAPatch
+from tlora_diffusers._context import current_call
+from tlora_diffusers.tiny import save_tiny_pipeline
+from tlora_diffusers.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {kind: save_tiny_pipeline(kind, root / kind) for kind in ("sdxl", "flux", "flux2-klein")}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    x = np.zeros((80, 64, 3), np.uint8)
+    x[20:50, 16:48] = (230, 30, 30)
+    Image.fromarray(x).save(folder / "concept.png")
+    return folder
+
+
+def config(models, image_dir, out, kind="sdxl", **kw):
+    base = dict(model=str(models[kind]), images=str(image_dir), prompt="a photo of sks square", output_dir=str(out),
+                resolution=64, steps=4, learning_rate=1e-3, rank=4, min_rank=1, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def load_and_generate(model_dir, out):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out))  # stock diffusers
+    with TLoRAPatch(pipe) as patch:  # config from the file
+        image = pipe(prompt="a sks square", num_inference_steps=2, height=64, width=64, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(image).all()
+    return patch.config
+
+
+@pytest.mark.parametrize("kind, variant", [("sdxl", "vanilla"), ("sdxl", "ortho"), ("flux", "vanilla"),
+                                           ("flux", "ortho"), ("flux2-klein", "vanilla")])
+def test_train_end_to_end_and_stock_load(models, images, tmp_path, kind, variant):
+    result = train(config(models, images, tmp_path, kind, variant=variant, validation_prompts=["a sks square"],
+                          validation_steps=2, checkpoint_every=2))
+    assert result.output_file == tmp_path / "pytorch_lora_weights.safetensors"
+    assert len(result.losses) == 4 and all(np.isfinite(result.losses))
+    assert [p.name for p in result.validation_images] == ["step-000002-0.png", "step-000004-0.png"]
+    cfg = load_and_generate(models[kind], tmp_path)
+    assert cfg == TLoRAConfig(4, 1, 1.0, layout="paired" if variant == "ortho" else "plain")
+    logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "tlora_train.json").read_text())["status"] == "done"
+
+
+def test_loss_falls_on_a_single_image(models, images, tmp_path):
+    result = train(config(models, images, tmp_path, steps=60, learning_rate=1e-2))
+    assert result.probe_loss_end < 0.97 * result.probe_loss_start
+
+
+class Interrupt(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+def test_resume_after_interruption_equals_uninterrupted_run(models, images, tmp_path, variant, monkeypatch):
+    full = train(config(models, images, tmp_path / "full", steps=8, checkpoint_every=3, variant=variant))
+    expected = load_file(full.output_file)
+
+    import tlora_diffusers.training.trainer as trainer
+
+    real_save = trainer.save_checkpoint
+    saves = []
+
+    def save_then_crash(*args, **kw):
+        path = real_save(*args, **kw)
+        saves.append(path)
+        if len(saves) == 2:  # crash right after the step-6 checkpoint
+            raise Interrupt()
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        train(config(models, images, tmp_path / "cut", steps=8, checkpoint_every=3, variant=variant))
+    assert current_call() is None
+    assert not (tmp_path / "cut" / "pytorch_lora_weights.safetensors").exists()
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    resumed = train(config(models, images, tmp_path / "cut", steps=8, checkpoint_every=3, variant=variant, resume=True))
+    got = load_file(resumed.output_file)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+    assert resumed.losses == full.losses
+
+
+def test_gradient_checkpointing_and_accumulation_run(models, images, tmp_path):
+    a = train(config(models, images, tmp_path / "a", gradient_checkpointing=True, steps=3))
+    b = train(config(models, images, tmp_path / "b", steps=3))
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
+    train(config(models, images, tmp_path / "c", gradient_accumulation_steps=2, batch_size=2, steps=2))
+
+
+@pytest.mark.parametrize(
+    "change, exc, fragment",
+    [
+        (dict(images="/nonexistent/dir"), FileNotFoundError, "instance image not found"),
+        (dict(rank=4096), ValueError, "rank 4096 is larger than targeted layer"),
+        (dict(target_modules=["no_such_layer"]), ValueError, "match no Linear or Conv2d layer"),
+        (dict(variant="lokr"), ValueError, "variant must be 'vanilla' or 'ortho', got 'lokr'"),
+        (dict(min_rank=9), ValueError, "min_rank must be an int in [0, max_rank=4], got 9"),
+        (dict(steps=0), ValueError, "steps must be an int >= 1, got 0"),
+        (dict(prompt=" "), ValueError, "prompt must be a non-empty string"),
+        (dict(model="/nonexistent/model"), FileNotFoundError, "not a local diffusers pipeline folder"),
+    ],
+)
+def test_errors_before_any_training_step(models, images, tmp_path, change, exc, fragment):
+    with pytest.raises(exc) as e:
+        train(config(models, images, tmp_path, **change))
+    assert fragment in str(e.value)
+    assert not (tmp_path / "logs.jsonl").exists()
+
+
+def test_unreadable_image_and_occupied_output_dir(models, images, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="x.png: cannot read this image"):
+        train(config(models, bad, tmp_path / "o1"))
+    train(config(models, images, tmp_path / "run", steps=1))
+    with pytest.raises(ValueError, match="already holds a training run; pass --resume .* or --overwrite"):
+        train(config(models, images, tmp_path / "run", steps=1))
+    with pytest.raises(ValueError, match="--resume: settings differ from the run .*: rank"):
+        train(config(models, images, tmp_path / "run", steps=1, rank=2, resume=True))
+    train(config(models, images, tmp_path / "run", steps=1, overwrite=True))
+
+
+def test_trainer_leaves_a_given_pipeline_as_it_was(models, images, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from conftest import state_hash
+
+    pipe = DiffusionPipeline.from_pretrained(str(models["sdxl"]))
+    before, cls = state_hash(pipe.unet), type(pipe)
+    train(config(models, images, tmp_path, steps=2, variant="ortho"), pipe=pipe)
+    assert type(pipe) is cls and state_hash(pipe.unet) == before
+    assert not any(type(m).__name__ == "OrthoTLoRALayer" for m in pipe.unet.modules())

@@ -1,0 +1,54 @@
+"""Instance images: read, validate and prepare once, before any training step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+__all__ = ["IMAGE_SUFFIXES", "find_images", "load_images"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def find_images(images: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Path]:
+    """Image files from a folder or a list of files; a clear error when there are none."""
+    if isinstance(images, (str, Path)):
+        root = Path(images)
+        if root.is_dir():
+            files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            return files
+        images = [root]
+    files = [Path(p) for p in images]
+    for p in files:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: instance image not found")
+    if not files:
+        raise ValueError("no instance images given")
+    return files
+
+
+def load_images(files: Sequence[Path], resolution: int) -> torch.Tensor:
+    """``(N, 3, res, res)`` in [-1, 1]: resized on the short side and centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+
+    if resolution < 16 or resolution % 16:
+        raise ValueError(f"resolution must be a multiple of 16 and >= 16, got {resolution}")
+    out = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: cannot read this image ({e})") from None
+        scale = resolution / min(img.size)
+        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+                         Image.BICUBIC)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+        out.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(out)

@@ -1,0 +1,361 @@
+"""Single-image (DreamBooth-style) T-LoRA training on accelerate, for SDXL, Flux and Flux2 Klein.
+
+Training runs the stock pipeline's denoiser under :class:`~tlora_diffusers.TLoRAPatch`, so
+each sample's LoRA ranks are masked by its own timestep (paper Sec. 3.1), and saves a file
+that stock ``pipe.load_lora_weights`` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from ..config import TLoRAConfig
+from ..io.format import TLoRAFileMetadata, save_tlora
+from ..ortho import SIG_TYPES
+from ..patch import TLoRAPatch
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import find_images, load_images
+from .models import recipe_for
+from .ortho import add_ortho_tlora, export_ortho_peft, orthogonality_penalty, remove_ortho_tlora
+from .targets import DEFAULT_TARGETS, check_rank, resolve_targets
+
+__all__ = ["TrainConfig", "TrainResult", "train", "RUN_FILE"]
+
+RUN_FILE = "tlora_train.json"
+_RUN_MARKERS = (RUN_FILE, "pytorch_lora_weights.safetensors")
+_VANILLA_ADAPTER = "tlora"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; validated before anything is loaded.
+
+    Defaults follow the paper's single-image recipe scaled down (rank 16; the paper used
+    rank 64, min_rank 32 for SDXL ortho and rank 32, min_rank 1 for Flux vanilla).
+    """
+
+    model: str
+    images: Union[str, Sequence[str]]
+    prompt: str
+    output_dir: str
+    resolution: int = 512
+    steps: int = 800
+    learning_rate: float = 1e-4
+    rank: int = 16
+    min_rank: int = 1
+    alpha: float = 1.0
+    variant: str = "vanilla"
+    sig_type: str = "last"
+    ortho_init: str = "random"
+    ortho_reg: float = 1e-4
+    lora_alpha: Optional[float] = None
+    target_modules: Optional[Union[str, Sequence[str]]] = None
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    validation_prompts: Sequence[str] = field(default_factory=tuple)
+    validation_steps: int = 25
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, message: str) -> None:
+            if not cond:
+                raise ValueError(message)
+
+        need(self.variant in ("vanilla", "ortho"), f"variant must be 'vanilla' or 'ortho', got {self.variant!r}")
+        need(self.sig_type in SIG_TYPES, f"sig_type must be one of {SIG_TYPES}, got {self.sig_type!r}")
+        need(self.ortho_init in ("random", "weight"), f"ortho_init must be 'random' or 'weight', got {self.ortho_init!r}")
+        need(self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "validation_steps", "keep_checkpoints"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0,
+             f"checkpoint_every must be an int >= 0 (0: only at the end), got {self.checkpoint_every!r}")
+        for name in ("learning_rate", "max_grad_norm"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{name} must be > 0, got {value!r}")
+        need(isinstance(self.ortho_reg, (int, float)) and math.isfinite(self.ortho_reg) and self.ortho_reg >= 0,
+             f"ortho_reg must be >= 0, got {self.ortho_reg!r}")
+        need(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt must be a non-empty string, e.g. 'a photo of sks dog'")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        TLoRAConfig(self.rank, self.min_rank, self.alpha)  # validates rank, min_rank, alpha with named errors
+        object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
+
+    @property
+    def tlora_config(self) -> TLoRAConfig:
+        return TLoRAConfig(self.rank, self.min_rank, self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["validation_prompts"] = list(self.validation_prompts)
+        if not isinstance(self.images, str):
+            d["images"] = [str(p) for p in self.images]
+        return d
+
+
+@dataclass
+class TrainResult:
+    output_file: Path
+    steps: int
+    losses: list[float]
+    probe_loss_start: float
+    probe_loss_end: float
+    seconds: float
+    validation_images: list[Path]
+
+
+def _identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    keys = ("model", "prompt", "resolution", "rank", "min_rank", "alpha", "variant", "sig_type", "ortho_init",
+            "lora_alpha", "target_modules", "batch_size", "seed", "steps", "learning_rate")
+    d = cfg.to_dict()
+    return {k: d[k] for k in keys}
+
+
+def _check_output_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    has_run = out.is_dir() and (any((out / m).exists() for m in _RUN_MARKERS) or latest_checkpoint(out) is not None)
+    if cfg.resume:
+        run_file = out / RUN_FILE
+        if not run_file.is_file():
+            raise ValueError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
+        previous = json.loads(run_file.read_text())["identity"]
+        ours = json.loads(json.dumps(_identity(cfg)))
+        diff = sorted(k for k in ours if previous.get(k) != ours[k])
+        if diff:
+            raise ValueError(f"--resume: settings differ from the run in {out}: {', '.join(diff)}")
+    elif has_run and not cfg.overwrite:
+        raise ValueError(
+            f"output_dir {out} already holds a training run; pass --resume to continue it or --overwrite to replace it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _load_pipeline(cfg: TrainConfig, pipe: Any) -> Any:
+    if pipe is not None:
+        return pipe
+    from diffusers import DiffusionPipeline
+
+    path = Path(cfg.model)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path}: not a local diffusers pipeline folder (no model_index.json)")
+    return DiffusionPipeline.from_pretrained(str(path))
+
+
+def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
+    """Train a T-LoRA on a few instance images and save ``pytorch_lora_weights.safetensors``.
+
+    ``pipe``: an already-built pipeline to train on instead of loading ``cfg.model`` (it is
+    left as it was: adapters removed, patch removed).
+
+    Example:
+        >>> result = train(TrainConfig(model="./sdxl", images="./dog", prompt="a photo of sks dog",
+        ...                            output_dir="./out", steps=800, rank=32))
+        >>> pipe.load_lora_weights("./out"); TLoRAPatch(pipe)
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    out = _check_output_dir(cfg)
+    images = load_images(find_images(cfg.images), cfg.resolution)
+    pipe = _load_pipeline(cfg, pipe)
+    recipe = recipe_for(pipe)
+    denoiser = getattr(pipe, recipe.component)
+    targets = resolve_targets(denoiser, cfg.target_modules or DEFAULT_TARGETS[type(denoiser).__name__])
+    check_rank(denoiser, targets, cfg.rank)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=not torch.cuda.is_available())
+    pipe.to(accelerator.device)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False).eval()
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        cond = recipe.encode_prompt(pipe, cfg.prompt)
+        encoded = recipe.encode_images(pipe, images).cpu()
+
+    if cfg.variant == "vanilla":
+        from peft import LoraConfig
+
+        lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, target_modules=targets,
+                                 init_lora_weights=True)
+        torch.manual_seed(cfg.seed)
+        denoiser.add_adapter(lora_config, adapter_name=_VANILLA_ADAPTER)
+        adapter = _VANILLA_ADAPTER
+    else:
+        add_ortho_tlora(denoiser, targets, cfg.rank, sig_type=cfg.sig_type, init=cfg.ortho_init,
+                        scale=(cfg.lora_alpha or cfg.rank) / cfg.rank, generator=torch.Generator().manual_seed(cfg.seed))
+        adapter = "ortho"
+    params = {n: p for n, p in denoiser.named_parameters() if ("lora_" in n or n.endswith((".q", ".p", ".lam")))}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    patch = TLoRAPatch(pipe, cfg.tlora_config, adapter_names=[adapter])
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, weight_decay=1e-4)
+    model, optimizer = accelerator.prepare(denoiser, optimizer)
+
+    state: dict[str, Any] = {"losses": []}
+    start_step = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        state = load_checkpoint(ckpt, params, optimizer, gen)
+        start_step = state["step"]
+    _write_json(out / RUN_FILE, {"identity": _identity(cfg), "config": cfg.to_dict(), "status": "running"})
+
+    ctx: dict[str, Any] = {}
+    device = accelerator.device
+
+    def loss_of(g: torch.Generator, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(0, encoded.shape[0], (cfg.batch_size,), generator=g)
+        batch, target, _ = recipe.sample(pipe, encoded[picks], g, ctx)
+        kwargs = _move(recipe.forward_kwargs(pipe, cond, batch), device)
+        with accelerator.autocast():
+            pred = model(**kwargs, return_dict=False)[0]
+        mse = torch.nn.functional.mse_loss(pred.float(), target.to(device).float())
+        if train and cfg.variant == "ortho" and cfg.ortho_reg:
+            return mse + cfg.ortho_reg * orthogonality_penalty(denoiser), mse
+        return mse, mse
+
+    def probe_loss() -> float:
+        """Masked loss on a fixed set of noises and timesteps: comparable across the run."""
+        g = torch.Generator().manual_seed(cfg.seed + 7919)
+        model.eval()
+        with torch.no_grad():
+            value = sum(loss_of(g, False)[1].item() for _ in range(8)) / 8
+        model.train()
+        return value
+
+    validation: list[Path] = []
+    log_file = open(out / "logs.jsonl", "a", encoding="utf-8")
+    writer = _tensorboard(out)
+    try:
+        probe_start = state.get("probe_loss_start") or probe_loss()
+        model.train()
+        bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, desc="training T-LoRA")
+        for step in range(start_step, cfg.steps):
+            with accelerator.accumulate(model):
+                loss, mse = loss_of(gen, True)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            value = mse.item()
+            state["losses"].append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
+            bar.update(1)
+            log_file.write(json.dumps({"step": step + 1, "loss": value, "lr": cfg.learning_rate}) + "\n")
+            log_file.flush()
+            if writer is not None:
+                writer.add_scalar("loss", value, step + 1)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                if accelerator.is_main_process:
+                    save_checkpoint(out, step + 1, params, optimizer, gen,
+                                    {"losses": state["losses"], "probe_loss_start": probe_start}, cfg.keep_checkpoints)
+                    validation += _validate(pipe, cfg, out, step + 1)
+        bar.close()
+        probe_end = probe_loss()
+        if accelerator.is_main_process:
+            output_file = _save(out, denoiser, cfg, targets, recipe.component)
+            validation += _validate(pipe, cfg, out, cfg.steps)
+            _write_json(out / RUN_FILE, {
+                "identity": _identity(cfg), "config": cfg.to_dict(), "status": "done", "steps": cfg.steps,
+                "losses": state["losses"], "probe_loss_start": probe_start, "probe_loss_end": probe_end,
+                "output_file": str(output_file), "seconds": time.perf_counter() - started,
+            })
+        else:
+            output_file = out / "pytorch_lora_weights.safetensors"
+    finally:
+        log_file.close()
+        if writer is not None:
+            writer.close()
+        patch.remove()
+        if cfg.variant == "vanilla":
+            denoiser.delete_adapters(_VANILLA_ADAPTER)
+        else:
+            remove_ortho_tlora(denoiser)
+        if cfg.gradient_checkpointing:
+            denoiser.disable_gradient_checkpointing()
+    return TrainResult(output_file, cfg.steps, state["losses"], probe_start, probe_end,
+                       time.perf_counter() - started, validation)
+
+
+def _save(out: Path, denoiser: torch.nn.Module, cfg: TrainConfig, targets: list[str], component: str) -> Path:
+    if cfg.variant == "vanilla":
+        from peft import get_peft_model_state_dict
+
+        state_dict = get_peft_model_state_dict(denoiser, adapter_name=_VANILLA_ADAPTER)
+        lora_config = denoiser.peft_config[_VANILLA_ADAPTER].to_dict()
+        tcfg = cfg.tlora_config
+    else:
+        state_dict, lora_config = export_ortho_peft(denoiser)
+        tcfg = TLoRAConfig(cfg.rank, cfg.min_rank, cfg.alpha, layout="paired")
+    meta = TLoRAFileMetadata(tcfg, variant=cfg.variant, base_model=type(denoiser).__name__, component=component,
+                             target_modules=tuple(targets), source_format="tlora_diffusers")
+    return save_tlora(out, state_dict, meta, lora_config)
+
+
+def _validate(pipe: Any, cfg: TrainConfig, out: Path, step: int) -> list[Path]:
+    """Validation images through the stock pipeline, masked by the training patch."""
+    if not cfg.validation_prompts:
+        return []
+    folder = out / "validation"
+    folder.mkdir(exist_ok=True)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    was_training = denoiser.training
+    denoiser.eval()
+    paths = []
+    try:
+        for i, prompt in enumerate(cfg.validation_prompts):
+            image = pipe(prompt=prompt, num_inference_steps=cfg.validation_steps, height=cfg.resolution,
+                         width=cfg.resolution, generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
+            path = folder / f"step-{step:06d}-{i}.png"
+            image.save(path)
+            paths.append(path)
+    finally:
+        denoiser.train(was_training)
+    return paths
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
