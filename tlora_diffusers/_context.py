@@ -50,24 +50,27 @@ class CallMask:
         return view
 
     def _make_view(self, output: torch.Tensor, rank_dim: int, where: str, paired: bool) -> torch.Tensor:
-        mask = self.mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
-        if paired:
-            mask = mask.repeat_interleave(2, dim=-1)
-        rank = mask.shape[-1]
+        rank = self.mask.shape[-1] * (2 if paired else 1)
         if output.shape[rank_dim] != rank:
             raise ValueError(
                 f"T-LoRA layer {where} has rank {output.shape[rank_dim]} but the mask has {rank} ranks"
             )
-        if mask.ndim == 2:  # (B or 1, R): batch first, rank at rank_dim
-            if output.ndim < 2:
-                raise ValueError(f"T-LoRA layer {where} got an unbatched input with per-sample timesteps")
-            shape = [1] * output.ndim
-            shape[0] = mask.shape[0]
-            shape[rank_dim] = rank
-            return mask.reshape(shape)
-        shape = [1] * (output.ndim - (rank_dim % output.ndim))
-        shape[0] = rank
+        if self.mask.ndim == 2 and output.ndim < 2:
+            raise ValueError(f"T-LoRA layer {where} got an unbatched input with per-sample timesteps")
+        return broadcast_mask(self.mask, output, rank_dim, paired)
+
+
+def broadcast_mask(mask: torch.Tensor, output: torch.Tensor, rank_dim: int, paired: bool) -> torch.Tensor:
+    """``mask`` (R,) or (B, R) on ``output``'s device/dtype, shaped to multiply ``output`` along ``rank_dim``."""
+    mask = mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
+    if paired:
+        mask = mask.repeat_interleave(2, dim=-1)
+    shape = [1] * output.ndim
+    shape[rank_dim] = mask.shape[-1]
+    if mask.ndim == 2:  # batch first
+        shape[0] = mask.shape[0]
         return mask.reshape(shape)
+    return mask.reshape(shape[rank_dim % output.ndim:])
 
 
 def current_call() -> Optional[CallMask]:

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._context import _CURRENT, CallMask, use_call
+from ._context import _CURRENT, CallMask, broadcast_mask, use_call
 from .backends import MaskSite, active_adapters, find_mask_sites
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter
@@ -28,6 +28,22 @@ _PIPELINE_PATCHES: "weakref.WeakKeyDictionary[Any, TLoRAPatch]" = weakref.WeakKe
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
+class _CompiledSlot:
+    """The current call's mask as seen from inside ``torch.compile``d code.
+
+    Dynamo cannot trace ``ContextVar``; compiled layers read this plain holder instead.
+    Its tensor is a graph input of constant shape, replaced (not rebuilt) every call, so
+    a compiled denoiser never recompiles for a new timestep. It is per denoiser, so one
+    compiled denoiser must not run concurrently from several threads.
+    """
+
+    __slots__ = ("owner", "mask")
+
+    def __init__(self) -> None:
+        self.owner: Optional[TLoRAPatch] = None
+        self.mask: Optional[torch.Tensor] = None
+
+
 class _Attachment:
     """Denoiser-level hooks shared by every patch on one denoiser.
 
@@ -39,9 +55,10 @@ class _Attachment:
     def __init__(self, denoiser: nn.Module, adapter: ModelAdapter) -> None:
         self.adapter = adapter
         self.patches: list[TLoRAPatch] = []
+        self.compiled = _CompiledSlot()
         self.handles = [
-            denoiser.register_forward_pre_hook(self._pre, with_kwargs=True),
-            denoiser.register_forward_hook(self._post, always_call=True),
+            denoiser.register_forward_pre_hook(torch.compiler.disable(self._pre), with_kwargs=True),
+            denoiser.register_forward_hook(torch.compiler.disable(self._post), always_call=True),
         ]
 
     def _resolve(self, module: nn.Module) -> "TLoRAPatch":
@@ -62,12 +79,15 @@ class _Attachment:
         if torch.is_grad_enabled():
             _wrap_checkpointing(module)
         call.token = _CURRENT.set(call)
+        self.compiled.owner, self.compiled.mask = patch, call.mask
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         call = _CURRENT.get()
         if call is not None and call.module is module and call.token is not None:
             token, call.token = call.token, None
             _CURRENT.reset(token)
+            if self.compiled.mask is call.mask:
+                self.compiled.owner = self.compiled.mask = None
 
     def remove(self, denoiser: nn.Module) -> None:
         for handle in self.handles:
@@ -127,13 +147,17 @@ def _unwrap_checkpointing(denoiser: nn.Module) -> None:
 class _RankMaskHook:
     """Forward hook on the module that outputs the rank dimension: multiplies by the call's mask."""
 
-    __slots__ = ("owner", "rank_dim", "name", "paired")
+    __slots__ = ("owner", "rank_dim", "name", "paired", "slot")
 
-    def __init__(self, owner: "TLoRAPatch", site: MaskSite) -> None:
-        self.owner = owner
+    def __init__(self, owner: "TLoRAPatch", site: MaskSite, slot: _CompiledSlot) -> None:
+        self.owner, self.slot = owner, slot
         self.rank_dim, self.name, self.paired = site.rank_dim, site.name, site.layout == "paired"
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if torch.compiler.is_compiling():
+            if self.slot.owner is not self.owner or self.slot.mask is None:
+                return None
+            return output * broadcast_mask(self.slot.mask, output, self.rank_dim, self.paired)
         call = _CURRENT.get()
         if call is None or call.owner is not self.owner:
             return None
@@ -283,7 +307,7 @@ class TLoRAPatch:
                 attachment = _Attachment(self.denoiser, adapter)
                 _ATTACHMENTS[self.denoiser] = attachment
             for site in self._sites:
-                self._handles.append(site.module.register_forward_hook(_RankMaskHook(self, site)))
+                self._handles.append(site.module.register_forward_hook(_RankMaskHook(self, site, attachment.compiled)))
             attachment.patches.append(self)
             if self.pipeline is not None:
                 _PIPELINE_PATCHES[self.pipeline] = self
