@@ -15,18 +15,20 @@ import traceback
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import convert, generate, schedule
+from . import convert, demo, generate, schedule, train
 from . import inspect as inspect_command
 
 __all__ = ["main", "build_parser", "PROG", "COMMANDS"]
 
 PROG = "tlora-diffusers"
 #: Each command module has ``add_parser(subparsers, parents)``, which sets ``run(args) -> int``.
-COMMANDS = (schedule, generate, inspect_command, convert)
+COMMANDS = (demo, train, generate, schedule, inspect_command, convert)
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # CLIError is a ValueError
 
 EPILOG = """\
 examples:
+  tlora-diffusers demo
+  tlora-diffusers train --model ./sdxl --images ./dog --prompt "a photo of sks dog" --out out/
   tlora-diffusers schedule --max-rank 64 --alpha 1 --alpha 2 --steps 25 --plot schedule.png
   tlora-diffusers generate --model ./sdxl --lora out/ --prompt "a sks dog" --no-mask
   tlora-diffusers inspect out/pytorch_lora_weights.safetensors
