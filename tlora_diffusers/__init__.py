@@ -2,7 +2,7 @@
 
 from .backends import LayerBackend, MaskSite, register_layer_backend
 from .config import TLoRAConfig
-from .io import LoadedTLoRA, TLoRAFileMetadata, load_tlora, read_tlora, save_tlora
+from .io import LoadedTLoRA, TLoRAFileMetadata, convert_tlora, inspect_tlora, load_tlora, read_tlora, save_tlora
 from .models import ModelAdapter, get_model_adapter, register_model_adapter, supported_models
 from .patch import TLoRAPatch
 from .schedule import active_rank, lora_rank_mask, rank_mask
@@ -15,6 +15,8 @@ __all__ = [
     "load_tlora",
     "read_tlora",
     "save_tlora",
+    "inspect_tlora",
+    "convert_tlora",
     "LoadedTLoRA",
     "TLoRAFileMetadata",
     "active_rank",

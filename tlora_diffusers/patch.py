@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import weakref
 from typing import Any, Optional, Sequence, Union
 
@@ -203,11 +204,14 @@ def _resolve_config(
             from_files[adapter] = meta.config
     if cfg is not None:
         for adapter, file_cfg in from_files.items():
-            if file_cfg != cfg:
+            if (file_cfg.max_rank, file_cfg.min_rank, file_cfg.alpha) != (cfg.max_rank, cfg.min_rank, cfg.alpha):
                 raise ValueError(
                     f"cfg={cfg} contradicts the T-LoRA config {file_cfg} loaded with adapter {adapter!r}; "
                     "omit cfg to use the file's config"
                 )
+        layouts = {c.layout for c in from_files.values()}
+        if len(layouts) == 1 and cfg.layout not in layouts:  # the file knows how its ranks are encoded
+            cfg = dataclasses.replace(cfg, layout=layouts.pop())
         return cfg
     missing = [a for a in adapters if a not in from_files]
     if missing or not from_files:

@@ -8,6 +8,7 @@ from .format import (
     read_tlora_metadata,
     save_tlora,
 )
+from .inspect import convert_tlora, inspect_tlora
 from .load import LoadedTLoRA, TLoRAFormat, detect_format, load_tlora, read_tlora, register_format
 
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "read_tlora",
     "detect_format",
     "register_format",
+    "inspect_tlora",
+    "convert_tlora",
 ]

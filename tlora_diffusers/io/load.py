@@ -134,12 +134,17 @@ def read_tlora(
     tensors, metadata = read_tensors(path)
     fmt = detect_format(list(tensors), metadata, path)
     converted = fmt.convert(path, tensors, metadata, denoiser, cfg, **options)
-    if cfg is not None and converted.meta.config != cfg:
+    if cfg is not None and not same_schedule(converted.meta.config, cfg):
         raise ValueError(
             f"{path}: the file's T-LoRA config {converted.meta.config} contradicts cfg={cfg}; "
             "drop cfg to use the file's, or convert the file with the config you want"
         )
     return converted
+
+
+def same_schedule(a: TLoRAConfig, b: TLoRAConfig) -> bool:
+    """Equal schedules; ``layout`` is how a file encodes the ranks, not part of the schedule."""
+    return (a.max_rank, a.min_rank, a.alpha) == (b.max_rank, b.min_rank, b.alpha)
 
 
 def _denoiser_of(target: Any) -> nn.Module:
@@ -304,3 +309,4 @@ register_format(
         _convert_diffusers,
     )
 )
+from . import lycoris, paper  # noqa: E402,F401

@@ -1,0 +1,153 @@
+"""Look inside any supported T-LoRA file, and convert it to our self-describing format.
+
+``inspect_tlora`` reports what a file is without loading it anywhere; ``convert_tlora``
+writes any supported file as a diffusers LoRA safetensors that carries its T-LoRA config
+(:func:`tlora_diffusers.io.save_tlora`, atomic), which stock ``pipe.load_lora_weights``
+then loads and ``TLoRAPatch(pipe)`` masks without further arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from ..config import TLoRAConfig
+from .format import TLORA_METADATA_KEY, save_tlora
+from .load import (
+    ConvertedTLoRA,
+    _denoiser_of,
+    _lora_rank,
+    check_modules,
+    detect_format,
+    read_tensors,
+    read_tlora,
+    resolve_path,
+)
+from .lycoris import NeedsInputError
+
+__all__ = ["inspect_tlora", "convert_tlora", "compress_names"]
+
+_INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")
+
+
+def compress_names(names: list[str]) -> dict[str, int]:
+    """Module names with block indices replaced by ``*``, and how many names each pattern stands for.
+
+    Example:
+        >>> compress_names(["blocks.0.attn.to_q", "blocks.1.attn.to_q", "blocks.0.ff"])
+        {'blocks.*.attn.to_q': 2, 'blocks.*.ff': 1}
+    """
+    return dict(Counter(_INDEX.sub("*", n) for n in names))
+
+
+def _parsed_metadata(metadata: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        try:
+            out[key] = json.loads(value) if value.lstrip()[:1] in ("{", "[") else value
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _describe(converted: ConvertedTLoRA) -> dict[str, Any]:
+    cfg = converted.meta.config
+    modules = sorted({k.rpartition(".lora_")[0] for k in converted.state_dict})
+    return {
+        "config": cfg.to_dict(), "variant": converted.meta.variant, "layout": cfg.layout, "rank": cfg.max_rank,
+        "lora_rank": cfg.lora_rank, "modules": modules, "component": converted.meta.component,
+        "base_model": converted.meta.base_model, "notes": list(converted.notes),
+    }
+
+
+def inspect_tlora(
+    path: Union[str, Path], denoiser: Optional[Any] = None, **options: Any
+) -> dict[str, Any]:
+    """What a T-LoRA file is: format, schedule (or ``"needs cfg"``), variant, rank, modules, metadata.
+
+    Nothing is loaded onto a model. ``denoiser`` (a pipeline or denoiser) checks that the
+    file fits that model and lets LyCORIS files map their names to module paths (without
+    it their ``lycoris_*`` names are listed; with it and a schedule, their base is rebuilt,
+    one SVD per layer). ``options`` are the format's conversion options (``min_rank=``, ...).
+
+    Returns a dict with ``path``, ``format``, ``description``, ``config`` (a dict, or
+    ``"needs cfg"``), ``variant``, ``layout``, ``rank`` (schedule ranks), ``lora_rank``,
+    ``num_modules``, ``modules`` (:func:`compress_names` patterns), ``parameters`` (in the
+    file), ``dtypes``, ``metadata`` (JSON values decoded), ``needs`` (``"cfg"`` /
+    ``"denoiser"`` still missing to load it) and ``notes``.
+
+    Example:
+        >>> info = inspect_tlora("checkpoint-800/pytorch_lora_weights.safetensors")
+        >>> info["format"], info["config"], info["num_modules"]
+        ('controlgenai', 'needs cfg', 560)
+    """
+    path = resolve_path(path)
+    tensors, metadata = read_tensors(path)
+    fmt = detect_format(list(tensors), metadata, path)
+    model = _denoiser_of(denoiser) if denoiser is not None else None
+    info: dict[str, Any] = {
+        "path": str(path), "format": fmt.name, "description": fmt.description,
+        "parameters": sum(t.numel() for t in tensors.values()), "num_tensors": len(tensors),
+        "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
+        "metadata": _parsed_metadata(metadata), "needs": [], "notes": [],
+    }
+    if fmt.name == "tlora_diffusers" and TLORA_METADATA_KEY not in metadata:
+        info.update(_inspect_plain_diffusers(path, tensors))
+    else:
+        try:
+            converted = fmt.convert(path, tensors, metadata, model, None, **options)
+        except NeedsInputError as e:
+            info.update(e.partial)
+            info["needs"] = [e.needs] + (["cfg"] if e.needs != "cfg" and info.get("config") == "needs cfg" else [])
+        else:
+            info.update(_describe(converted))
+            if model is not None:
+                check_modules(model, converted.state_dict, path)
+    modules = info.pop("modules", [])
+    info["num_modules"] = len(modules)
+    info["modules"] = compress_names(modules)
+    return info
+
+
+def _inspect_plain_diffusers(path: Path, tensors: dict) -> dict[str, Any]:
+    """A plain diffusers LoRA without T-LoRA metadata: everything but the schedule."""
+    component = next(iter(tensors)).split(".", 1)[0]
+    state_dict = {k.split(".", 1)[1]: v for k, v in tensors.items()}
+    rank = _lora_rank(state_dict, path)
+    modules = sorted({k.rpartition(".lora_")[0] for k in state_dict})
+    return {"config": "needs cfg", "variant": "vanilla", "layout": "plain", "rank": rank, "lora_rank": rank,
+            "modules": modules, "component": component, "needs": ["cfg"]}
+
+
+def convert_tlora(
+    src: Union[str, Path],
+    dst: Union[str, Path],
+    denoiser: Optional[Any] = None,
+    cfg: Optional[TLoRAConfig] = None,
+    **options: Any,
+) -> Path:
+    """Convert any supported T-LoRA file to our format (``save_tlora``, written atomically).
+
+    ``dst`` is a folder (``pytorch_lora_weights.safetensors`` inside) or a ``.safetensors``
+    path. LyCORIS files need ``denoiser`` (the base model, a pipeline or its denoiser):
+    their frozen base is rebuilt from its weights. Files without a schedule need ``cfg`` or
+    the format's ``min_rank=`` / ``alpha=`` options. The result loads with stock
+    ``pipe.load_lora_weights(dst)`` and gives outputs identical to ``load_tlora(pipe, src)``.
+
+    Example:
+        >>> convert_tlora("simpletuner-out/", "converted/", denoiser=pipe)
+        PosixPath('converted/pytorch_lora_weights.safetensors')
+    """
+    src = resolve_path(src)
+    model = _denoiser_of(denoiser) if denoiser is not None else None
+    converted = read_tlora(src, model, cfg, **options)
+    if model is not None:
+        check_modules(model, converted.state_dict, src)
+    meta = converted.meta
+    if meta.source_format is None:
+        meta = dataclasses.replace(meta, source_format=converted.format)
+    return save_tlora(dst, converted.state_dict, meta, converted.lora_config)
