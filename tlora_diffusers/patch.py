@@ -14,12 +14,15 @@ from ._context import _CURRENT, CallMask, broadcast_mask, use_call
 from .backends import MaskSite, active_adapters, find_mask_sites
 from .config import TLoRAConfig
 from .models import ModelAdapter, get_model_adapter
-from .schedule import rank_mask
+from .fast import FastMerge, fast_path_blocker
+from .schedule import active_rank, rank_mask
 
 __all__ = ["TLoRAPatch"]
 
 _DENOISER_ATTRS = ("unet", "transformer")
 
+#: The fast-path merge state of the pipeline run in this context, if any.
+_FAST_RUN: contextvars.ContextVar[Optional[FastMerge]] = contextvars.ContextVar("tlora_fast_run", default=None)
 #: The patch whose pipeline is running in this context (set by the patched ``__call__``).
 _PIPELINE_PATCH: contextvars.ContextVar[Optional["TLoRAPatch"]] = contextvars.ContextVar(
     "tlora_pipeline_patch", default=None
@@ -77,6 +80,9 @@ class _Attachment:
         patch = self._resolve(module)
         t = self.adapter.timestep(module, args, kwargs)
         call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
+        fast = _FAST_RUN.get()
+        if fast is not None:
+            _fast_step(fast, t, patch)
         if torch.is_grad_enabled():
             _wrap_checkpointing(module)
         call.token = _CURRENT.set(call)
@@ -94,6 +100,21 @@ class _Attachment:
         for handle in self.handles:
             handle.remove()
         _unwrap_checkpointing(denoiser)
+
+
+def _fast_step(fast: FastMerge, t: Any, patch: "TLoRAPatch") -> None:
+    """Merge up to this call's rank, or fall back to the mask path for per-sample timesteps.
+
+    Reads the timestep on the host: the one device→host copy the fast path costs per call.
+    """
+    if patch is not fast.owner or torch.is_grad_enabled():
+        fast.restore()
+        return
+    values = torch.as_tensor(t).reshape(-1).tolist()
+    if all(v == values[0] for v in values):
+        fast.merge_to(int(active_rank(float(values[0]), patch.config, patch.num_train_timesteps)))
+    else:
+        fast.restore()
 
 
 class _MaskedCheckpointing:
@@ -245,6 +266,9 @@ class TLoRAPatch:
         cfg: the rank schedule; its ``max_rank`` must equal the adapters' rank.
         adapter_names: adapters to mask; default every active adapter.
         num_train_timesteps: ``T`` for a bare denoiser (pipelines read their scheduler).
+        fast: merge the active ranks into the base weights during each pipeline call
+            instead of running the LoRA branch (see :mod:`tlora_diffusers.fast`); the weights
+            are restored bit for bit when the call ends. Pipelines only.
 
     Example:
         >>> pipe.load_lora_weights("my-tlora")
@@ -259,6 +283,7 @@ class TLoRAPatch:
         *,
         adapter_names: Optional[Sequence[str]] = None,
         num_train_timesteps: Optional[int] = None,
+        fast: bool = False,
     ) -> None:
         if isinstance(target, nn.Module):
             self.pipeline = None
@@ -284,6 +309,13 @@ class TLoRAPatch:
         self.num_train_timesteps  # validates a bare denoiser's T now
         adapter = get_model_adapter(self.denoiser)
         self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg, name)
+        self.fast = bool(fast)
+        if self.fast:
+            if self.pipeline is None:
+                raise ValueError("fast=True needs a pipeline: weights are merged for the length of one pipeline call")
+            blocker = fast_path_blocker(self._sites, self.adapter_names)
+            if blocker:
+                raise ValueError(f"fast=True cannot be used here: {blocker}; use the mask path (fast=False)")
         self._check_not_patched()
         self._handles: list = []
         self._removed = False
@@ -352,7 +384,20 @@ class TLoRAPatch:
     def _run_pipeline(self, call: Any, pipe: Any, args: tuple, kwargs: dict) -> Any:
         self.check()
         _PIPELINE_PATCH.set(self)
-        return call(pipe, *args, **kwargs)
+        if not self._fast_allowed():
+            return call(pipe, *args, **kwargs)
+        with FastMerge(self, self._sites, self.denoiser) as fast:  # None: another run holds these weights
+            _FAST_RUN.set(fast)
+            return call(pipe, *args, **kwargs)
+
+    def _fast_allowed(self) -> bool:
+        """The fast path runs only where it is safe now; otherwise this run uses the mask path."""
+        if not self.fast:
+            return False
+        attachment = _ATTACHMENTS.get(self.denoiser)
+        if attachment is None or len(attachment.patches) != 1:
+            return False  # a shared denoiser: merged weights would leak into the other pipeline
+        return fast_path_blocker(self._sites, self.adapter_names) is None
 
     def check(self) -> None:
         """Raise if a masked adapter was fused, deleted or replaced since patching.

@@ -34,6 +34,8 @@ class MaskSite:
     rank: int
     still_valid: Callable[[], Optional[str]]
     layout: str = "plain"
+    #: The PEFT ``LoraLayer`` holding this site (``None`` for other backends): the fast path merges through it.
+    peft_layer: Optional[nn.Module] = None
 
     @property
     def schedule_rank(self) -> int:

@@ -71,7 +71,7 @@ class PeftBackend:
                 return f"adapter {adapter!r} was deleted or replaced at {name}"
             return _unmaskable(layer, adapter)
 
-        return MaskSite(where, adapter, lora_a, rank_dim, int(layer.r[adapter]), still_valid, layout)
+        return MaskSite(where, adapter, lora_a, rank_dim, int(layer.r[adapter]), still_valid, layout, layer)
 
 
 def _unmaskable(layer: nn.Module, adapter: str) -> Optional[str]:
