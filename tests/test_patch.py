@@ -398,3 +398,30 @@ def test_threads_do_not_share_masks():
     assert not (seq[0] == seq[1]).all()
     assert all((img == seq[0]).all() for img in results["a"])
     assert all((img == seq[1]).all() for img in results["b"])
+
+
+@torch.no_grad()
+def test_threads_two_independent_pipelines():
+    a, b = tiny_pipeline("flux"), tiny_pipeline("flux", seed=1)
+    add_lora(a.transformer, "flux")
+    add_lora(b.transformer, "flux", seed=7)
+    kw = dict(tiny_prompt_embeds(a), num_inference_steps=4, height=64, width=64, output_type="np")
+    with TLoRAPatch(a, TLoRAConfig(8, 1, 1.0)), TLoRAPatch(b, TLoRAConfig(8, 5, 2.0)):
+        seq = [p(**kw, generator=torch.Generator().manual_seed(0)).images for p in (a, b)]
+        results, errors = {}, []
+        barrier = threading.Barrier(2)
+
+        def run(name, pipe):
+            try:
+                barrier.wait()
+                for _ in range(3):
+                    results.setdefault(name, []).append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("a", a), ("b", b))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    assert not errors
+    assert all((img == seq[0]).all() for img in results["a"])
+    assert all((img == seq[1]).all() for img in results["b"])

@@ -153,3 +153,27 @@ def test_trainer_leaves_a_given_pipeline_as_it_was(models, images, tmp_path):
     train(config(models, images, tmp_path, steps=2, variant="ortho"), pipe=pipe)
     assert type(pipe) is cls and state_hash(pipe.unet) == before
     assert not any(type(m).__name__ == "OrthoTLoRALayer" for m in pipe.unet.modules())
+
+
+def test_keyboard_interrupt_inside_a_training_step(models, images, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from conftest import state_hash
+
+    pipe = DiffusionPipeline.from_pretrained(str(models["sdxl"]))
+    before, cls = state_hash(pipe.unet), type(pipe)
+    seen = []
+
+    def interrupt(module, args):
+        seen.append(current_call())
+        if module.training:
+            raise KeyboardInterrupt
+
+    h = pipe.unet.mid_block.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(models, images, tmp_path, steps=3), pipe=pipe)
+    h.remove()
+    assert seen and seen[-1] is not None  # the mask was active inside the step
+    assert current_call() is None  # and is gone after the interrupt
+    assert type(pipe) is cls and state_hash(pipe.unet) == before and not getattr(pipe.unet, "peft_config", None)
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()

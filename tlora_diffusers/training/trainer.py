@@ -7,6 +7,7 @@ that stock ``pipe.load_lora_weights`` loads.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -209,6 +210,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         cond = recipe.encode_prompt(pipe, cfg.prompt)
         encoded = recipe.encode_images(pipe, images).cpu()
 
+    had_adapters = bool(getattr(denoiser, "peft_config", None))
     if cfg.variant == "vanilla":
         from peft import LoraConfig
 
@@ -270,7 +272,9 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, desc="training T-LoRA")
         for step in range(start_step, cfg.steps):
             with accelerator.accumulate(model):
-                loss, mse = loss_of(gen, True)
+                # Each step in its own context: even a KeyboardInterrupt (which skips the
+                # denoiser's post-hook) cannot leave this step's mask behind.
+                loss, mse = contextvars.copy_context().run(loss_of, gen, True)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -306,8 +310,10 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         if writer is not None:
             writer.close()
         patch.remove()
-        if cfg.variant == "vanilla":
+        if cfg.variant == "vanilla" and had_adapters:
             denoiser.delete_adapters(_VANILLA_ADAPTER)
+        elif cfg.variant == "vanilla":
+            denoiser.unload_lora()  # no LoRA before training: remove PEFT's layer wrappers too
         else:
             remove_ortho_tlora(denoiser)
         if cfg.gradient_checkpointing:
