@@ -35,6 +35,41 @@ def add_lora(denoiser: torch.nn.Module, kind: str, rank: int = 8, *, name: str =
                 p.copy_(torch.randn_like(p) * std)
 
 
+def unet_inputs(unet: torch.nn.Module, batch: int = 1, seed: int = 0) -> dict:
+    """Inputs for a bare UNet2DConditionModel call, sized from its own config."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    te = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return dict(
+        sample=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(batch, 5, cfg.cross_attention_dim, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(batch, te, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
+    )
+
+
+def run_concurrently(jobs: dict, repeats: int = 3) -> dict:
+    """Run each ``name -> fn()`` in its own thread, started together, ``repeats`` times; results per name."""
+    import threading
+
+    results, errors = {name: [] for name in jobs}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def work(name, fn):
+        try:
+            barrier.wait()
+            for _ in range(repeats):
+                results[name].append(fn())
+        except BaseException as e:  # re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=item) for item in jobs.items()]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    if errors:
+        raise errors[0]
+    return results
+
+
 def reference_rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int = 1000) -> int:
     """The paper's formula, written out independently in Python floats (eq. 6)."""
     t = min(max(float(t), 0.0), float(T))

@@ -1,11 +1,10 @@
 """TLoRAPatch on tiny denoisers, against independent references."""
 
 import copy
-import threading
 
 import pytest
 import torch
-from conftest import add_lora, reference_rank, state_hash
+from conftest import add_lora, reference_rank, run_concurrently, state_hash, unet_inputs
 from peft import LoraConfig
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
@@ -13,13 +12,6 @@ from tlora_diffusers._context import current_call
 from tlora_diffusers.tiny import tiny_pipeline, tiny_prompt_embeds
 
 
-def sdxl_unet_inputs(batch=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        sample=torch.randn(batch, 4, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(batch, 6, 64, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, 32, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
-    )
 
 
 @pytest.fixture
@@ -29,16 +21,6 @@ def unet():
     return pipe.unet
 
 
-def _fit_inputs(unet, batch=1, seed=0):
-    """Inputs sized from the tiny UNet's own config."""
-    cfg = unet.config
-    g = torch.Generator().manual_seed(seed)
-    te = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    return dict(
-        sample=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(batch, 5, cfg.cross_attention_dim, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, te, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
-    )
 
 
 def truncated_copy(model: torch.nn.Module, rank: int, adapter: str = "default") -> torch.nn.Module:
@@ -55,7 +37,7 @@ def truncated_copy(model: torch.nn.Module, rank: int, adapter: str = "default") 
 @pytest.mark.parametrize("t", [0, 1, 250, 499.5, 750, 999, 1000])
 def test_masked_unet_equals_truncated_lora(unet, t):
     cfg = TLoRAConfig(8, 1, 1.0)
-    x = _fit_inputs(unet)
+    x = unet_inputs(unet)
     expected = truncated_copy(unet, reference_rank(t, 8, 1, 1.0))(timestep=t, **x).sample
     with TLoRAPatch(unet, cfg):
         got = unet(timestep=t, **x).sample
@@ -85,7 +67,7 @@ def test_masked_flux_equals_truncated_lora():
 
 @torch.no_grad()
 def test_per_sample_timesteps_equal_one_by_one(unet):
-    x = _fit_inputs(unet, batch=3)
+    x = unet_inputs(unet, batch=3)
     t = torch.tensor([10.0, 500.0, 990.0])
     with TLoRAPatch(unet, TLoRAConfig(8, 1)):
         batched = unet(timestep=t, **x).sample
@@ -100,7 +82,7 @@ def test_per_sample_timesteps_equal_one_by_one(unet):
 
 @torch.no_grad()
 def test_full_rank_is_identical_and_remove_restores(unet):
-    x = _fit_inputs(unet)
+    x = unet_inputs(unet)
     before = unet(timestep=600, **x).sample
     with TLoRAPatch(unet, TLoRAConfig(8, 8)):
         assert torch.equal(unet(timestep=600, **x).sample, before)
@@ -113,7 +95,7 @@ def test_full_rank_is_identical_and_remove_restores(unet):
 
 @torch.no_grad()
 def test_exception_inside_denoiser_leaves_no_mask_active(unet):
-    x = _fit_inputs(unet)
+    x = unet_inputs(unet)
     patch = TLoRAPatch(unet, TLoRAConfig(8, 1))
     seen = []
 
@@ -227,7 +209,7 @@ def test_error_rank_mismatch_names_adapter_and_adapter_selection():
         TLoRAPatch(pipe, TLoRAConfig(8))
     with pytest.raises(ValueError, match=r"adapter\(s\) \['nope'\] have no LoRA layers.*\['style', 'tlora'\]"):
         TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["nope"])
-    x = _fit_inputs(pipe.unet)
+    x = unet_inputs(pipe.unet)
     with torch.no_grad():
         expected = truncated_copy(pipe.unet, reference_rank(700, 8, 1, 1.0), "tlora")(timestep=700, **x).sample
         with TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["tlora"]) as patch:
@@ -284,7 +266,7 @@ def test_error_pipeline_arguments():
 
 @torch.no_grad()
 def test_error_missing_timestep_and_bad_timestep(unet):
-    x = _fit_inputs(unet)
+    x = unet_inputs(unet)
     with TLoRAPatch(unet, TLoRAConfig(8)):
         with pytest.raises(ValueError, match="called without `timestep`"):
             unet(timestep=None, **x)
@@ -363,7 +345,7 @@ def test_from_pipe_pipelines_sharing_a_denoiser_use_their_own_configs():
     h.remove()
     assert log == [reference_rank(t, 8, 1, 1.0) for t in ta] + [reference_rank(t, 8, 4, 3.0) for t in tb]
     with pytest.raises(RuntimeError, match="carries 2 T-LoRA patches"):
-        a.unet(timestep=10, **_fit_inputs(a.unet))
+        a.unet(timestep=10, **unet_inputs(a.unet))
     pa.remove()
     pb.remove()
     assert _no_hooks_left(a.unet)
@@ -380,21 +362,8 @@ def test_threads_do_not_share_masks():
     kw = dict(tiny_prompt_embeds(a), num_inference_steps=4, height=64, width=64, output_type="np")
     with TLoRAPatch(a, TLoRAConfig(8, 1, 1.0)), TLoRAPatch(b, TLoRAConfig(8, 6, 0.3)):
         seq = [p(**kw, generator=torch.Generator().manual_seed(0)).images for p in (a, b)]
-        results, errors = {}, []
-        barrier = threading.Barrier(2)
-
-        def run(name, pipe):
-            try:
-                barrier.wait()
-                for _ in range(3):
-                    results.setdefault(name, []).append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
-            except BaseException as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("a", a), ("b", b))]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-    assert not errors
+        results = run_concurrently({name: (lambda p=p: p(**kw, generator=torch.Generator().manual_seed(0)).images)
+                                    for name, p in (("a", a), ("b", b))})
     assert not (seq[0] == seq[1]).all()
     assert all((img == seq[0]).all() for img in results["a"])
     assert all((img == seq[1]).all() for img in results["b"])
@@ -408,20 +377,7 @@ def test_threads_two_independent_pipelines():
     kw = dict(tiny_prompt_embeds(a), num_inference_steps=4, height=64, width=64, output_type="np")
     with TLoRAPatch(a, TLoRAConfig(8, 1, 1.0)), TLoRAPatch(b, TLoRAConfig(8, 5, 2.0)):
         seq = [p(**kw, generator=torch.Generator().manual_seed(0)).images for p in (a, b)]
-        results, errors = {}, []
-        barrier = threading.Barrier(2)
-
-        def run(name, pipe):
-            try:
-                barrier.wait()
-                for _ in range(3):
-                    results.setdefault(name, []).append(pipe(**kw, generator=torch.Generator().manual_seed(0)).images)
-            except BaseException as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=run, args=(n, p)) for n, p in (("a", a), ("b", b))]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-    assert not errors
+        results = run_concurrently({name: (lambda p=p: p(**kw, generator=torch.Generator().manual_seed(0)).images)
+                                    for name, p in (("a", a), ("b", b))})
     assert all((img == seq[0]).all() for img in results["a"])
     assert all((img == seq[1]).all() for img in results["b"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import add_lora, reference_rank
+from conftest import add_lora, reference_rank, unet_inputs
 from peft import set_peft_model_state_dict
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
@@ -19,15 +19,6 @@ from tlora_diffusers.training import (
 CONV_AND_ATTN = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "conv1", "conv2"]
 
 
-def unet_inputs(unet, batch, seed=0):
-    cfg = unet.config
-    g = torch.Generator().manual_seed(seed)
-    te = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    return dict(
-        sample=torch.randn(batch, cfg.in_channels, 8, 8, generator=g),
-        encoder_hidden_states=torch.randn(batch, 5, cfg.cross_attention_dim, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, te, generator=g), "time_ids": torch.randn(batch, 6, generator=g)},
-    )
 
 
 def sample(x, i):
