@@ -381,3 +381,24 @@ def test_threads_two_independent_pipelines():
                                     for name, p in (("a", a), ("b", b))})
     assert all((img == seq[0]).all() for img in results["a"])
     assert all((img == seq[1]).all() for img in results["b"])
+
+
+def test_mask_reaches_each_device_once_without_host_round_trip():
+    """Layers on different devices get the mask on their own device, converted once per call per
+    (device, dtype). Meta tensors stand in for a second device: they have no data, so any host
+    read of the mask there would raise."""
+    from tlora_diffusers._context import CallMask
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    call = CallMask(owner=None, module=None, mask=mask)
+    cpu_out = torch.ones(2, 3, 4)
+    meta_out = torch.empty(2, 3, 4, device="meta", dtype=torch.bfloat16)
+    conv_meta = torch.empty(2, 4, 5, 5, device="meta", dtype=torch.bfloat16)
+    a = call.view_for(cpu_out, -1, "layer on cpu")
+    b = call.view_for(meta_out, -1, "layer on meta")
+    c = call.view_for(conv_meta, 1, "conv on meta")
+    assert a.device.type == "cpu" and b.device.type == "meta" and b.dtype == torch.bfloat16
+    assert (cpu_out * a)[1, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert c.shape == (2, 4, 1, 1) and (meta_out * b).device.type == "meta"
+    assert call.view_for(meta_out, -1, "another layer on meta") is b  # cached: one conversion per device
+    assert len(call._views) == 3

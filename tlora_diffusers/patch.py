@@ -183,7 +183,9 @@ class _RankMaskHook:
         call = _CURRENT.get()
         if call is None or call.owner is not self.owner:
             return None
-        return output * call.view_for(output, self.rank_dim, self.name, self.paired)
+        mask = call.view_for(output, self.rank_dim, self.name, self.paired)
+        # In place at inference (no new activation tensor); out of place when autograd records it.
+        return output * mask if output.requires_grad else output.mul_(mask)
 
 
 def _patched_pipeline_class(cls: type) -> type:
