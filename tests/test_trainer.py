@@ -49,7 +49,7 @@ def load_and_generate(model_dir, out):
 
 
 @pytest.mark.parametrize("kind, variant", [("sdxl", "vanilla"), ("sdxl", "ortho"), ("flux", "vanilla"),
-                                           ("flux", "ortho"), ("flux2-klein", "vanilla")])
+                                           ("flux", "ortho"), ("flux2-klein", "vanilla"), ("flux2-klein", "ortho")])
 def test_train_end_to_end_and_stock_load(models, images, tmp_path, kind, variant):
     result = train(config(models, images, tmp_path, kind, variant=variant, validation_prompts=["a sks square"],
                           validation_steps=2, checkpoint_every=2))
@@ -177,3 +177,10 @@ def test_keyboard_interrupt_inside_a_training_step(models, images, tmp_path):
     assert current_call() is None  # and is gone after the interrupt
     assert type(pipe) is cls and state_hash(pipe.unet) == before and not getattr(pipe.unet, "peft_config", None)
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_mixed_precision_bf16_then_full_precision_in_one_process(models, images, tmp_path):
+    bf16 = train(config(models, images, tmp_path / "bf16", mixed_precision="bf16", steps=2))
+    fp32 = train(config(models, images, tmp_path / "fp32", steps=2))  # accelerate's global state is released
+    assert all(np.isfinite(bf16.losses)) and all(np.isfinite(fp32.losses))
+    assert bf16.losses != fp32.losses

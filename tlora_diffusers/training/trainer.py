@@ -198,6 +198,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
     denoiser = getattr(pipe, recipe.component)
     targets = resolve_targets(denoiser, cfg.target_modules or DEFAULT_TARGETS[type(denoiser).__name__])
     check_rank(denoiser, targets, cfg.rank)
+    _release_accelerator_state(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=not torch.cuda.is_available())
     pipe.to(accelerator.device)
@@ -320,6 +321,19 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
             denoiser.disable_gradient_checkpointing()
     return TrainResult(output_file, cfg.steps, state["losses"], probe_start, probe_end,
                        time.perf_counter() - started, validation)
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """Let a second ``train()`` in one process (a notebook) use another mixed precision.
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a different
+    ``mixed_precision`` later; the distributed ``PartialState`` is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def _save(out: Path, denoiser: torch.nn.Module, cfg: TrainConfig, targets: list[str], component: str) -> Path:
