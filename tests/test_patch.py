@@ -402,3 +402,16 @@ def test_mask_reaches_each_device_once_without_host_round_trip():
     assert c.shape == (2, 4, 1, 1) and (meta_out * b).device.type == "meta"
     assert call.view_for(meta_out, -1, "another layer on meta") is b  # cached: one conversion per device
     assert len(call._views) == 3
+
+
+def test_a_patched_pipeline_that_is_dropped_is_freed():
+    import gc
+    import weakref
+
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    TLoRAPatch(pipe, TLoRAConfig(8, 1))  # never removed
+    refs = weakref.ref(pipe), weakref.ref(pipe.unet)
+    del pipe
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import weakref
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -27,8 +26,20 @@ _FAST_RUN: contextvars.ContextVar[Optional[FastMerge]] = contextvars.ContextVar(
 _PIPELINE_PATCH: contextvars.ContextVar[Optional["TLoRAPatch"]] = contextvars.ContextVar(
     "tlora_pipeline_patch", default=None
 )
-_ATTACHMENTS: "weakref.WeakKeyDictionary[nn.Module, _Attachment]" = weakref.WeakKeyDictionary()
-_PIPELINE_PATCHES: "weakref.WeakKeyDictionary[Any, TLoRAPatch]" = weakref.WeakKeyDictionary()
+#: Where a patched denoiser keeps its shared hooks and a patched pipeline its patch. Attributes,
+#: not module-level weak dictionaries: a dictionary value that points back at its key would keep
+#: every patched model alive; an attribute is an ordinary cycle the garbage collector frees.
+#: Both are deleted by ``remove()``.
+_ATTACHMENT_ATTR = "_tlora_attachment"
+_PATCH_ATTR = "_tlora_patch"
+
+
+def _attachment_of(denoiser: nn.Module) -> Optional["_Attachment"]:
+    return denoiser.__dict__.get(_ATTACHMENT_ATTR)
+
+
+def _patch_of(pipeline: Any) -> Optional["TLoRAPatch"]:
+    return vars(pipeline).get(_PATCH_ATTR)
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
@@ -194,7 +205,7 @@ def _patched_pipeline_class(cls: type) -> type:
     if sub is None:
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            patch = _PIPELINE_PATCHES.get(self)
+            patch = _patch_of(self)
             if patch is None:  # copied with the class but never patched
                 return cls.__call__(self, *args, **kwargs)
             return contextvars.copy_context().run(patch._run_pipeline, cls.__call__, self, args, kwargs)
@@ -325,12 +336,12 @@ class TLoRAPatch:
 
     # -- installation -------------------------------------------------------------------
     def _check_not_patched(self) -> None:
-        if self.pipeline is not None and self.pipeline in _PIPELINE_PATCHES:
+        if self.pipeline is not None and _patch_of(self.pipeline) is not None:
             raise RuntimeError(
                 f"this {type(self.pipeline).__name__} is already T-LoRA patched; call .remove() on the "
                 "existing patch before patching it again"
             )
-        attachment = _ATTACHMENTS.get(self.denoiser)
+        attachment = _attachment_of(self.denoiser)
         if attachment is not None and (self.pipeline is None or any(p.pipeline is None for p in attachment.patches)):
             raise RuntimeError(
                 f"this {type(self.denoiser).__name__} is already T-LoRA patched; call .remove() on the "
@@ -338,17 +349,16 @@ class TLoRAPatch:
             )
 
     def _install(self, adapter: ModelAdapter) -> None:
-        attachment = _ATTACHMENTS.get(self.denoiser)
-        created = attachment is None
+        attachment = _attachment_of(self.denoiser)
         try:
-            if created:
+            if attachment is None:
                 attachment = _Attachment(self.denoiser, adapter)
-                _ATTACHMENTS[self.denoiser] = attachment
+                self.denoiser.__dict__[_ATTACHMENT_ATTR] = attachment
             for site in self._sites:
                 self._handles.append(site.module.register_forward_hook(_RankMaskHook(self, site, attachment.compiled)))
             attachment.patches.append(self)
             if self.pipeline is not None:
-                _PIPELINE_PATCHES[self.pipeline] = self
+                vars(self.pipeline)[_PATCH_ATTR] = self
                 self.pipeline.__class__ = _patched_pipeline_class(type(self.pipeline))
         except BaseException:
             self._uninstall()
@@ -358,14 +368,14 @@ class TLoRAPatch:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        attachment = _ATTACHMENTS.get(self.denoiser)
+        attachment = _attachment_of(self.denoiser)
         if attachment is not None:
             attachment.patches = [p for p in attachment.patches if p is not self]
             if not attachment.patches:
                 attachment.remove(self.denoiser)
-                del _ATTACHMENTS[self.denoiser]
-        if self.pipeline is not None and _PIPELINE_PATCHES.get(self.pipeline) is self:
-            del _PIPELINE_PATCHES[self.pipeline]
+                del self.denoiser.__dict__[_ATTACHMENT_ATTR]
+        if self.pipeline is not None and _patch_of(self.pipeline) is self:
+            del vars(self.pipeline)[_PATCH_ATTR]
             base = getattr(type(self.pipeline), "_tlora_base_class", None)
             if base is not None and type(self.pipeline) is _PATCHED_CLASSES.get(base):
                 self.pipeline.__class__ = base
@@ -396,7 +406,7 @@ class TLoRAPatch:
         """The fast path runs only where it is safe now; otherwise this run uses the mask path."""
         if not self.fast:
             return False
-        attachment = _ATTACHMENTS.get(self.denoiser)
+        attachment = _attachment_of(self.denoiser)
         if attachment is None or len(attachment.patches) != 1:
             return False  # a shared denoiser: merged weights would leak into the other pipeline
         return fast_path_blocker(self._sites, self.adapter_names) is None
