@@ -91,18 +91,29 @@ class FastMerge:
             self.runtime_off = True
 
     def _add(self, site: MaskSite, lo: int, hi: int) -> None:
+        """Add ranks ``lo:hi`` to the base weight with one GEMM (``addmm``), no temporaries.
+
+        float32/64 weights grow in place by the new ranks only. Half-precision weights are
+        rewritten as ``saved + B[:, :hi] @ A[:hi]`` so they are rounded once, like ``fuse_lora``,
+        instead of once per step.
+        """
         layer = site.peft_layer
         base = layer.get_base_layer().weight
         if id(base) not in self._saved:
             self._saved[id(base)] = base.detach().clone()
         if site.layout == "paired":
             lo, hi = 2 * lo, 2 * hi
+        w = base.view(base.shape[0], -1)
         a = layer.lora_A[site.adapter].weight
         b = layer.lora_B[site.adapter].weight
-        a = a.reshape(a.shape[0], -1)[lo:hi].float()
-        b = b.reshape(b.shape[0], -1)[:, lo:hi].float()
-        delta = (b @ a) * layer.scaling[site.adapter]
-        base.copy_((base.float() + delta.reshape(base.shape)).to(base.dtype))
+        a = a.reshape(a.shape[0], -1).to(base.dtype)
+        b = b.reshape(b.shape[0], -1).to(base.dtype)
+        scaling = layer.scaling[site.adapter]
+        if base.dtype in (torch.float32, torch.float64):
+            w.addmm_(b[:, lo:hi], a[lo:hi], alpha=scaling)
+        else:
+            saved = self._saved[id(base)].view_as(w)
+            torch.addmm(saved, b[:, :hi], a[:hi], alpha=scaling, out=w)
 
     @torch.no_grad()
     def _restore_weights(self) -> None:

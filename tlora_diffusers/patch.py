@@ -118,7 +118,9 @@ def _fast_step(fast: FastMerge, t: Any, patch: "TLoRAPatch") -> None:
 
     Reads the timestep on the host: the one device→host copy the fast path costs per call.
     """
-    if patch is not fast.owner or torch.is_grad_enabled():
+    if patch is not fast.owner:
+        return  # another denoiser (e.g. a refiner called inside this run): not merged by this run
+    if torch.is_grad_enabled():
         fast.restore()
         return
     values = torch.as_tensor(t).reshape(-1).tolist()
