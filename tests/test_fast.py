@@ -122,3 +122,51 @@ def test_fast_path_errors():
     pipe.unet.set_adapters(["default", "style"])
     with pytest.raises(ValueError, match=r"fast=True cannot be used here: .*other active adapters \['style'\]"):
         TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["default"], fast=True)
+
+
+@torch.no_grad()
+def test_fast_path_two_masked_adapters_bf16():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl", name="a", std=0.1)
+    add_lora(pipe.unet, "sdxl", name="b", seed=5, std=0.1)
+    pipe.unet.set_adapters(["a", "b"])
+    cfg = TLoRAConfig(8, 1)
+    with TLoRAPatch(pipe, cfg, adapter_names=["a", "b"]):
+        reference = run(pipe)
+    pipe.to(torch.bfloat16)
+    with TLoRAPatch(pipe, cfg, adapter_names=["a", "b"]):
+        masked = run(pipe)
+    with TLoRAPatch(pipe, cfg, adapter_names=["a", "b"], fast=True):
+        fast = run(pipe)
+    pipe.unet.set_adapters(["b"])
+    with TLoRAPatch(pipe, cfg, adapter_names=["b"]):
+        only_b = run(pipe)
+    mask_err, fast_err = np.abs(masked - reference).mean(), np.abs(fast - reference).mean()
+    assert fast_err <= 2 * mask_err + 1e-3, (fast_err, mask_err)
+    assert np.abs(fast - reference).mean() < np.abs(only_b - reference).mean()  # both adapters are merged
+
+
+@torch.no_grad()
+def test_fast_run_excludes_other_calls_of_the_denoiser():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl", std=0.1)
+    from conftest import unet_inputs
+
+    x = unet_inputs(pipe.unet)
+    before = state_hash(pipe.unet)
+    errors = []
+
+    def callback(p, i, t, kwargs):
+        if i == 1:  # mid-run, from "another context": a direct call on the same denoiser
+            import contextvars
+
+            try:
+                contextvars.Context().run(lambda: p.unet(timestep=900, **x))
+            except RuntimeError as e:
+                errors.append(str(e))
+        return kwargs
+
+    with TLoRAPatch(pipe, TLoRAConfig(8, 1), fast=True):
+        run(pipe, steps=3, callback_on_step_end=callback)
+    assert errors and "fast=True excludes concurrent use" in errors[0]
+    assert state_hash(pipe.unet) == before

@@ -415,3 +415,77 @@ def test_a_patched_pipeline_that_is_dropped_is_freed():
     del pipe
     gc.collect()
     assert refs[0]() is None and refs[1]() is None
+
+
+# -- a patch never goes stale silently ----------------------------------------------------------
+
+
+def _lora_state(pipe, name, seed):
+    from peft import get_peft_model_state_dict
+
+    add_lora(pipe.unet, "sdxl", name=name, seed=seed)
+    return {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet, adapter_name=name).items()}
+
+
+@torch.no_grad()
+def test_adapter_loaded_after_patching_is_not_left_unmasked():
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl", name="a")
+    patch = TLoRAPatch(pipe, TLoRAConfig(8, 1))
+    other = tiny_pipeline("sdxl")
+    sd = _lora_state(other, "b", seed=4)
+    pipe.load_lora_weights(sd, adapter_name="b")  # diffusers makes 'b' the active adapter
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['b'\] became active after patching"):
+        pipe(**tiny_prompt_embeds(pipe), num_inference_steps=1, height=64, width=64)
+    with pytest.raises(RuntimeError, match="became active after patching"):  # bare calls too
+        pipe.unet(timestep=10, **unet_inputs(pipe.unet))
+    patch.remove()
+
+
+@torch.no_grad()
+def test_unload_and_reload_after_patching_is_detected():
+    pipe = tiny_pipeline("sdxl")
+    sd = _lora_state(tiny_pipeline("sdxl"), "default_0", seed=0)
+    pipe.load_lora_weights(sd)
+    patch = TLoRAPatch(pipe, TLoRAConfig(8, 1))
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(sd)
+    with pytest.raises(RuntimeError, match="was unloaded or replaced"):
+        pipe(**tiny_prompt_embeds(pipe), num_inference_steps=1, height=64, width=64)
+    patch.remove()
+
+
+@torch.no_grad()
+def test_bare_denoiser_fused_after_patching_is_an_error():
+    unet = tiny_pipeline("sdxl").unet
+    add_lora(unet, "sdxl")
+    patch = TLoRAPatch(unet, TLoRAConfig(8, 1))
+    for layer in unet.modules():
+        if hasattr(layer, "merge") and hasattr(layer, "lora_A"):
+            layer.merge()
+    with pytest.raises(RuntimeError, match="fused into the base weights"):
+        unet(timestep=500, **unet_inputs(unet))
+    assert current_call() is None
+    patch.remove()
+
+
+def test_patched_pipeline_keeps_its_call_signature_and_docs():
+    import inspect
+
+    pipe = tiny_pipeline("flux")
+    add_lora(pipe.transformer, "flux")
+    before = inspect.signature(pipe.__call__), type(pipe).__call__.__doc__
+    with TLoRAPatch(pipe, TLoRAConfig(8)):
+        assert (inspect.signature(pipe.__call__), type(pipe).__call__.__doc__) == before
+        assert "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
+
+
+def test_second_denoiser_with_lora_is_refused():
+    pipe = tiny_pipeline("flux")
+    add_lora(pipe.transformer, "flux")
+    second = tiny_pipeline("flux", seed=1).transformer
+    add_lora(second, "flux")
+    vars(pipe)["transformer_2"] = second  # as Wan 2.2 pipelines carry one
+    with pytest.raises(ValueError, match=r"pipe.transformer_2 also carries LoRA layers"):
+        TLoRAPatch(pipe, TLoRAConfig(8))
+    assert _no_hooks_left(pipe.transformer)

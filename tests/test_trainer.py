@@ -184,3 +184,36 @@ def test_mixed_precision_bf16_then_full_precision_in_one_process(models, images,
     fp32 = train(config(models, images, tmp_path / "fp32", steps=2))  # accelerate's global state is released
     assert all(np.isfinite(bf16.losses)) and all(np.isfinite(fp32.losses))
     assert bf16.losses != fp32.losses
+
+
+def test_failed_resume_names_the_checkpoint_and_leaves_the_pipeline_as_it_was(models, images, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from conftest import state_hash
+
+    train(config(models, images, tmp_path, steps=4, checkpoint_every=2))
+    ckpt = tmp_path / "checkpoint-2" / "params.safetensors"
+    ckpt.write_bytes(b"\x00\x01")  # corrupt the checkpoint
+    pipe = DiffusionPipeline.from_pretrained(str(models["sdxl"]))
+    before, cls = state_hash(pipe.unet), type(pipe)
+    with pytest.raises(ValueError, match="checkpoint-2: cannot resume from this checkpoint"):
+        train(config(models, images, tmp_path, steps=4, checkpoint_every=2, resume=True), pipe=pipe)
+    assert type(pipe) is cls and state_hash(pipe.unet) == before and not getattr(pipe.unet, "peft_config", None)
+    assert "_tlora_patch" not in vars(pipe)
+
+
+def test_trainer_does_not_touch_a_lora_the_user_had(models, images, tmp_path):
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = DiffusionPipeline.from_pretrained(str(models["sdxl"]))
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), adapter_name="style")
+    for n, p in pipe.unet.named_parameters():
+        if ".style." in n:
+            p.data = p.data.bfloat16()  # a half-precision LoRA the user keeps
+    style = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if ".style." in n}
+    train(config(models, images, tmp_path, steps=2), pipe=pipe)
+    after = {n: p for n, p in pipe.unet.named_parameters() if ".style." in n}
+    assert after.keys() == style.keys()
+    assert all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], style[n]) for n in style)
+    assert list(pipe.unet.peft_config) == ["style"]

@@ -22,7 +22,7 @@ class CallMask:
     ``mask`` is ``(R,)`` for a timestep shared by the batch or ``(B, R)`` per sample.
     """
 
-    __slots__ = ("owner", "module", "mask", "batch", "_views", "token")
+    __slots__ = ("owner", "module", "mask", "batch", "_views", "token", "hits")
 
     def __init__(self, owner: Any, module: torch.nn.Module, mask: torch.Tensor) -> None:
         self.owner = owner
@@ -31,12 +31,14 @@ class CallMask:
         self.batch = mask.shape[0] if mask.ndim == 2 and mask.shape[0] != 1 else None
         self._views: dict[tuple, torch.Tensor] = {}
         self.token: Optional[contextvars.Token] = None
+        self.hits = 0  # masked layer calls: zero means nothing was masked (fused? unloaded?)
 
     def view_for(self, output: torch.Tensor, rank_dim: int, where: str, paired: bool = False) -> torch.Tensor:
         """The mask on ``output``'s device and dtype, shaped to broadcast over ``rank_dim``.
 
         ``paired``: LoRA ranks 2i and 2i+1 both take schedule rank i.
         """
+        self.hits += 1
         key = (output.device, output.dtype, output.ndim, rank_dim, paired)
         view = self._views.get(key)
         if view is None:

@@ -59,11 +59,14 @@ class FastMerge:
         self._active: dict[int, object] = {}
         self._lock: Optional[threading.Lock] = None
 
-    def __enter__(self) -> Optional["FastMerge"]:
+    def __enter__(self) -> "FastMerge":
         with _RUNNING_GUARD:
             lock = _RUNNING.setdefault(id(self.denoiser), threading.Lock())
-        if not lock.acquire(blocking=False):  # another run merges into these weights: use the mask path
-            return None
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                "another fast=True run is merging into this denoiser's weights (another thread?); fast=True "
+                "excludes concurrent use of one denoiser: use the mask path (fast=False) for concurrent runs"
+            )
         self._lock = lock
         return self
 
@@ -81,8 +84,9 @@ class FastMerge:
             self._restore_weights()
         lo, hi = self.rank, rank
         if hi > lo:
+            rewritten: set[int] = set()
             for site in self.sites:
-                self._add(site, lo, hi)
+                self._add(site, lo, hi, rewritten)
         self.rank = rank
         if not self.runtime_off:
             for layer in self.layers:
@@ -90,12 +94,12 @@ class FastMerge:
                 layer._active_adapter = []
             self.runtime_off = True
 
-    def _add(self, site: MaskSite, lo: int, hi: int) -> None:
+    def _add(self, site: MaskSite, lo: int, hi: int, rewritten: set[int]) -> None:
         """Add ranks ``lo:hi`` to the base weight with one GEMM (``addmm``), no temporaries.
 
         float32/64 weights grow in place by the new ranks only. Half-precision weights are
         rewritten as ``saved + B[:, :hi] @ A[:hi]`` so they are rounded once, like ``fuse_lora``,
-        instead of once per step.
+        instead of once per step; further adapters on the same layer then add in place.
         """
         layer = site.peft_layer
         base = layer.get_base_layer().weight
@@ -111,7 +115,10 @@ class FastMerge:
         scaling = layer.scaling[site.adapter]
         if base.dtype in (torch.float32, torch.float64):
             w.addmm_(b[:, lo:hi], a[lo:hi], alpha=scaling)
+        elif id(base) in rewritten:  # a second masked adapter on this layer
+            w.addmm_(b[:, :hi], a[:hi], alpha=scaling)
         else:
+            rewritten.add(id(base))
             saved = self._saved[id(base)].view_as(w)
             torch.addmm(saved, b[:, :hi], a[:hi], alpha=scaling, out=w)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -71,6 +72,8 @@ class _Attachment:
         self.adapter = adapter
         self.patches: list[TLoRAPatch] = []
         self.compiled = _CompiledSlot()
+        self.fast_run: Optional[FastMerge] = None
+        self.checkpointable = [m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")]
         self.handles = [
             denoiser.register_forward_pre_hook(torch.compiler.disable(self._pre), with_kwargs=True),
             denoiser.register_forward_hook(torch.compiler.disable(self._post), always_call=True),
@@ -88,6 +91,11 @@ class _Attachment:
         )
 
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.fast_run is not None and _FAST_RUN.get() is not self.fast_run:
+            raise RuntimeError(
+                f"{type(module).__name__} is inside a fast=True pipeline run in another thread or context: its "
+                "weights hold merged ranks until that run ends; fast=True excludes concurrent use of the denoiser"
+            )
         patch = self._resolve(module)
         t = self.adapter.timestep(module, args, kwargs)
         call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
@@ -95,7 +103,7 @@ class _Attachment:
         if fast is not None:
             _fast_step(fast, t, patch)
         if torch.is_grad_enabled():
-            _wrap_checkpointing(module)
+            _wrap_checkpointing(self.checkpointable)
         call.token = _CURRENT.set(call)
         self.compiled.owner, self.compiled.mask = patch, call.mask
 
@@ -106,6 +114,10 @@ class _Attachment:
             _CURRENT.reset(token)
             if self.compiled.mask is call.mask:
                 self.compiled.owner = self.compiled.mask = None
+            if call.hits == 0 and _FAST_RUN.get() is None and getattr(module, "_compiled_call_impl", None) is None:
+                # No masked layer ran: disabled adapters are fine, a LoRA fused or unloaded since
+                # patching is not (it would have run unmasked). Costs nothing on normal calls.
+                call.owner.check()
 
     def remove(self, denoiser: nn.Module) -> None:
         for handle in self.handles:
@@ -165,8 +177,8 @@ class _BlockWithMask:
         return getattr(self.block, name)
 
 
-def _wrap_checkpointing(denoiser: nn.Module) -> None:
-    for module in denoiser.modules():
+def _wrap_checkpointing(modules: Sequence[nn.Module]) -> None:
+    for module in modules:
         inner = module.__dict__.get("_gradient_checkpointing_func")
         if inner is not None and not isinstance(inner, _MaskedCheckpointing):
             module._gradient_checkpointing_func = _MaskedCheckpointing(inner)
@@ -206,6 +218,7 @@ def _patched_pipeline_class(cls: type) -> type:
     sub = _PATCHED_CLASSES.get(cls)
     if sub is None:
 
+        @functools.wraps(cls.__call__)
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             patch = _patch_of(self)
             if patch is None:  # copied with the class but never patched
@@ -261,6 +274,21 @@ def _resolve_config(
             f"the loaded adapters carry different T-LoRA configs {from_files}; patch them separately with adapter_names"
         )
     return configs.pop()
+
+
+def _refuse_other_adapted_denoisers(pipe: Any, attr: str) -> None:
+    """A second denoiser with LoRA layers (Wan's ``transformer_2``) would run unmasked."""
+    for name, component in vars(pipe).items():
+        if (
+            name != attr
+            and name.startswith(_DENOISER_ATTRS)
+            and isinstance(component, nn.Module)
+            and active_adapters(_unwrap(component))
+        ):
+            raise ValueError(
+                f"pipe.{name} also carries LoRA layers, which this patch of pipe.{attr} would leave unmasked; "
+                f"patch it too with TLoRAPatch(pipe.{name}, cfg) (a bare-denoiser patch) or unload its LoRA"
+            )
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -320,7 +348,9 @@ class TLoRAPatch:
             self.denoiser = _unwrap(getattr(target, attr))
             self._bare_timesteps = None
             name = f"pipe.{attr}"
+            _refuse_other_adapted_denoisers(target, attr)
         self.config = cfg = _resolve_config(self.denoiser, cfg, adapter_names, name)
+        self._all_active = adapter_names is None
         self.num_train_timesteps  # validates a bare denoiser's T now
         adapter = get_model_adapter(self.denoiser)
         self.adapter_names, self._sites = find_mask_sites(self.denoiser, adapter_names, cfg, name)
@@ -400,9 +430,14 @@ class TLoRAPatch:
         _PIPELINE_PATCH.set(self)
         if not self._fast_allowed():
             return call(pipe, *args, **kwargs)
-        with FastMerge(self, self._sites, self.denoiser) as fast:  # None: another run holds these weights
+        attachment = _attachment_of(self.denoiser)
+        with FastMerge(self, self._sites, self.denoiser) as fast:
             _FAST_RUN.set(fast)
-            return call(pipe, *args, **kwargs)
+            attachment.fast_run = fast
+            try:
+                return call(pipe, *args, **kwargs)
+            finally:
+                attachment.fast_run = None
 
     def _fast_allowed(self) -> bool:
         """The fast path runs only where it is safe now; otherwise this run uses the mask path."""
@@ -414,17 +449,27 @@ class TLoRAPatch:
         return fast_path_blocker(self._sites, self.adapter_names) is None
 
     def check(self) -> None:
-        """Raise if a masked adapter was fused, deleted or replaced since patching.
+        """Raise if a masked adapter was fused, unloaded or replaced since patching, or (when
+        ``adapter_names`` was not given) another adapter became active.
 
-        Runs at the start of every pipeline call: a fused LoRA would otherwise run
-        unmasked without a word.
+        Runs at the start of every pipeline call, and after any denoiser call in which no
+        masked layer ran: such a LoRA would otherwise run unmasked without a word.
         """
         if self._removed:
             raise RuntimeError("this TLoRAPatch was removed")
         for site in self._sites:
             reason = site.still_valid()
             if reason:
-                raise RuntimeError(f"T-LoRA patch can no longer mask {site.name}: {reason}")
+                raise RuntimeError(
+                    f"T-LoRA patch can no longer mask {site.name}: {reason}; remove() this patch and patch again"
+                )
+        if self._all_active:
+            unmasked = [a for a in active_adapters(self.denoiser) if a not in self.adapter_names]
+            if unmasked:
+                raise RuntimeError(
+                    f"adapter(s) {unmasked} became active after patching and would run unmasked; remove() this "
+                    "patch and patch again (or pass adapter_names=[...] to choose what is masked)"
+                )
 
     # -- handle -------------------------------------------------------------------------
     @property

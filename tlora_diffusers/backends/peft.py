@@ -43,13 +43,17 @@ class PeftBackend:
     def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str], layout: str = "plain") -> list[MaskSite]:
         sites = []
         for name, layer in _lora_layers(denoiser):
+            parent_name, _, attr = name.rpartition(".")
+            parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
             for adapter in adapters:
-                site = self._site(name, layer, adapter, layout)
+                site = self._site(name, layer, adapter, layout, parent, attr)
                 if site is not None:
                     sites.append(site)
         return sites
 
-    def _site(self, name: str, layer: nn.Module, adapter: str, layout: str) -> Optional[MaskSite]:
+    def _site(
+        self, name: str, layer: nn.Module, adapter: str, layout: str, parent: nn.Module, attr: str
+    ) -> Optional[MaskSite]:
         where = f"{name} (adapter {adapter!r})"
         if adapter in layer.lora_embedding_A:
             raise ValueError(f"cannot mask {where}: T-LoRA masking supports Linear and Conv layers, not Embedding")
@@ -67,6 +71,8 @@ class PeftBackend:
             )
 
         def still_valid() -> Optional[str]:
+            if getattr(parent, attr, None) is not layer:
+                return f"the LoRA layer at {name} was unloaded or replaced (e.g. unload_lora_weights)"
             if adapter not in layer.lora_A or layer.lora_A[adapter] is not lora_a:
                 return f"adapter {adapter!r} was deleted or replaced at {name}"
             return _unmaskable(layer, adapter)

@@ -70,10 +70,10 @@ def _unscale(t: Any, scale: float) -> Any:
         return candidate if candidate / scale == t else t * scale
     if not t.is_floating_point():
         return t * scale
-    wide = t.to(torch.float64) * scale
+    wide = t.to(torch.float32 if t.device.type == "mps" else torch.float64) * scale  # MPS has no float64
     candidate = torch.round(wide)
     exact = (candidate / scale).to(t.dtype) == t
-    return torch.where(exact, candidate, wide.to(t.dtype).to(torch.float64))
+    return torch.where(exact, candidate, wide.to(t.dtype).to(wide.dtype))
 
 
 _REGISTRY: dict[type, ModelAdapter] = {}

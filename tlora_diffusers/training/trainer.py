@@ -26,7 +26,7 @@ from ..patch import TLoRAPatch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import find_images, load_images
 from .models import recipe_for
-from .ortho import add_ortho_tlora, export_ortho_peft, orthogonality_penalty, remove_ortho_tlora
+from .ortho import add_ortho_tlora, export_ortho_peft, ortho_layers, orthogonality_penalty, remove_ortho_tlora
 from .targets import DEFAULT_TARGETS, check_rank, resolve_targets
 
 __all__ = ["TrainConfig", "TrainResult", "train", "RUN_FILE"]
@@ -212,62 +212,72 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         encoded = recipe.encode_images(pipe, images).cpu()
 
     had_adapters = bool(getattr(denoiser, "peft_config", None))
-    if cfg.variant == "vanilla":
-        from peft import LoraConfig
-
-        lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, target_modules=targets,
-                                 init_lora_weights=True)
-        torch.manual_seed(cfg.seed)
-        denoiser.add_adapter(lora_config, adapter_name=_VANILLA_ADAPTER)
-        adapter = _VANILLA_ADAPTER
-    else:
-        add_ortho_tlora(denoiser, targets, cfg.rank, sig_type=cfg.sig_type, init=cfg.ortho_init,
-                        scale=(cfg.lora_alpha or cfg.rank) / cfg.rank, generator=torch.Generator().manual_seed(cfg.seed))
-        adapter = "ortho"
-    params = {n: p for n, p in denoiser.named_parameters() if ("lora_" in n or n.endswith((".q", ".p", ".lam")))}
-    for p in params.values():
-        p.requires_grad_(True)
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    patch = TLoRAPatch(pipe, cfg.tlora_config, adapter_names=[adapter])
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, weight_decay=1e-4)
-    model, optimizer = accelerator.prepare(denoiser, optimizer)
-
-    state: dict[str, Any] = {"losses": []}
-    start_step = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = load_checkpoint(ckpt, params, optimizer, gen)
-        start_step = state["step"]
-    _write_json(out / RUN_FILE, {"identity": _identity(cfg), "config": cfg.to_dict(), "status": "running"})
-
-    ctx: dict[str, Any] = {}
-    device = accelerator.device
-
-    def loss_of(g: torch.Generator, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(0, encoded.shape[0], (cfg.batch_size,), generator=g)
-        batch, target, _ = recipe.sample(pipe, encoded[picks], g, ctx)
-        kwargs = _move(recipe.forward_kwargs(pipe, cond, batch), device)
-        with accelerator.autocast():
-            pred = model(**kwargs, return_dict=False)[0]
-        mse = torch.nn.functional.mse_loss(pred.float(), target.to(device).float())
-        if train and cfg.variant == "ortho" and cfg.ortho_reg:
-            return mse + cfg.ortho_reg * orthogonality_penalty(denoiser), mse
-        return mse, mse
-
-    def probe_loss() -> float:
-        """Masked loss on a fixed set of noises and timesteps: comparable across the run."""
-        g = torch.Generator().manual_seed(cfg.seed + 7919)
-        model.eval()
-        with torch.no_grad():
-            value = sum(loss_of(g, False)[1].item() for _ in range(8)) / 8
-        model.train()
-        return value
-
-    validation: list[Path] = []
-    log_file = open(out / "logs.jsonl", "a", encoding="utf-8")
-    writer = _tensorboard(out)
+    cleanup: list = []  # undo steps, run in reverse in `finally`: a failure at any point leaves the pipeline as it was
     try:
+        if cfg.variant == "vanilla":
+            from peft import LoraConfig
+
+            lora_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, target_modules=targets,
+                                     init_lora_weights=True)
+            torch.manual_seed(cfg.seed)
+            denoiser.add_adapter(lora_config, adapter_name=_VANILLA_ADAPTER)
+            cleanup.append(lambda: _remove_vanilla(denoiser, had_adapters))
+            adapter = _VANILLA_ADAPTER
+        else:
+            add_ortho_tlora(denoiser, targets, cfg.rank, sig_type=cfg.sig_type, init=cfg.ortho_init,
+                            scale=(cfg.lora_alpha or cfg.rank) / cfg.rank, generator=torch.Generator().manual_seed(cfg.seed))
+            cleanup.append(lambda: remove_ortho_tlora(denoiser))
+            adapter = "ortho"
+        params = _trainable(denoiser, cfg.variant)
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            cleanup.append(denoiser.disable_gradient_checkpointing)
+        patch = TLoRAPatch(pipe, cfg.tlora_config, adapter_names=[adapter])
+        cleanup.append(patch.remove)
+        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, weight_decay=1e-4)
+        model, optimizer = accelerator.prepare(denoiser, optimizer)
+
+        state: dict[str, Any] = {"losses": []}
+        start_step = 0
+        if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+            try:
+                state = load_checkpoint(ckpt, params, optimizer, gen)
+            except Exception as e:  # safetensors raises its own error type for corrupt files
+                if isinstance(e, ValueError) and str(e).startswith(str(ckpt)):
+                    raise
+                raise ValueError(f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
+            start_step = state["step"]
+        _write_json(out / RUN_FILE, {"identity": _identity(cfg), "config": cfg.to_dict(), "status": "running"})
+
+        ctx: dict[str, Any] = {}
+        device = accelerator.device
+
+        def loss_of(g: torch.Generator, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            picks = torch.randint(0, encoded.shape[0], (cfg.batch_size,), generator=g)
+            batch, target, _ = recipe.sample(pipe, encoded[picks], g, ctx)
+            kwargs = _move(recipe.forward_kwargs(pipe, cond, batch), device)
+            with accelerator.autocast():
+                pred = model(**kwargs, return_dict=False)[0]
+            mse = torch.nn.functional.mse_loss(pred.float(), target.to(device).float())
+            if train and cfg.variant == "ortho" and cfg.ortho_reg:
+                return mse + cfg.ortho_reg * orthogonality_penalty(denoiser), mse
+            return mse, mse
+
+        def probe_loss() -> float:
+            """Masked loss on a fixed set of noises and timesteps: comparable across the run."""
+            g = torch.Generator().manual_seed(cfg.seed + 7919)
+            model.eval()
+            with torch.no_grad():
+                value = sum(loss_of(g, False)[1].item() for _ in range(8)) / 8
+            model.train()
+            return value
+
+        validation: list[Path] = []
+        log_file = open(out / "logs.jsonl", "a", encoding="utf-8")
+        cleanup.append(log_file.close)
+        writer = _tensorboard(out)
+        if writer is not None:
+            cleanup.append(writer.close)
         probe_start = state.get("probe_loss_start") or probe_loss()
         model.train()
         bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, desc="training T-LoRA")
@@ -307,18 +317,8 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         else:
             output_file = out / "pytorch_lora_weights.safetensors"
     finally:
-        log_file.close()
-        if writer is not None:
-            writer.close()
-        patch.remove()
-        if cfg.variant == "vanilla" and had_adapters:
-            denoiser.delete_adapters(_VANILLA_ADAPTER)
-        elif cfg.variant == "vanilla":
-            denoiser.unload_lora()  # no LoRA before training: remove PEFT's layer wrappers too
-        else:
-            remove_ortho_tlora(denoiser)
-        if cfg.gradient_checkpointing:
-            denoiser.disable_gradient_checkpointing()
+        for undo in reversed(cleanup):
+            undo()
     return TrainResult(output_file, cfg.steps, state["losses"], probe_start, probe_end,
                        time.perf_counter() - started, validation)
 
@@ -334,6 +334,26 @@ def _release_accelerator_state(mixed_precision: str) -> None:
     state = AcceleratorState._shared_state
     if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision:
         AcceleratorState._reset_state()
+
+
+def _trainable(denoiser: torch.nn.Module, variant: str) -> dict[str, torch.nn.Parameter]:
+    """This run's adapter parameters only (never a LoRA the user had loaded before), in float32."""
+    if variant == "vanilla":
+        params = {n: p for n, p in denoiser.named_parameters() if f".{_VANILLA_ADAPTER}." in n and "lora_" in n}
+    else:
+        params = {f"{path}.{n}": getattr(layer, n) for path, layer in ortho_layers(denoiser).items()
+                  for n in layer.adapter_param_names}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return params
+
+
+def _remove_vanilla(denoiser: torch.nn.Module, had_adapters: bool) -> None:
+    if had_adapters:
+        denoiser.delete_adapters(_VANILLA_ADAPTER)
+    else:
+        denoiser.unload_lora()  # no LoRA before training: remove PEFT's layer wrappers too
 
 
 def _save(out: Path, denoiser: torch.nn.Module, cfg: TrainConfig, targets: list[str], component: str) -> Path:
