@@ -108,8 +108,5 @@ def lora_rank_mask(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Mask over the LoRA's ``cfg.lora_rank`` ranks: :func:`rank_mask`, each entry twice if paired."""
-    r = active_rank(timesteps, cfg, num_train_timesteps)
-    ranks = torch.arange(cfg.lora_rank, device=r.device)
-    if cfg.layout == "paired":
-        ranks = ranks // 2
-    return (ranks < r.unsqueeze(-1)).to(dtype)
+    mask = rank_mask(timesteps, cfg, num_train_timesteps, dtype)
+    return mask.repeat_interleave(2, dim=-1) if cfg.layout == "paired" else mask
