@@ -43,6 +43,17 @@ _PEFT_MARKER = "tlora_diffusers:"
 MAX_METADATA_BYTES = 1 << 20
 
 
+def json_object(text: Any, where: str, what: str) -> dict[str, Any]:
+    """Parse ``text`` as a JSON object; errors name the file (``where``) and the entry (``what``)."""
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 @dataclass(frozen=True)
 class TLoRAFileMetadata:
     """What a T-LoRA file says about itself (the ``tlora_config`` metadata entry)."""
@@ -77,12 +88,7 @@ class TLoRAFileMetadata:
 
     @classmethod
     def from_json(cls, text: str, where: str = "metadata") -> "TLoRAFileMetadata":
-        try:
-            data = json.loads(text)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: '{TLORA_METADATA_KEY}' is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: '{TLORA_METADATA_KEY}' must be a JSON object, got {type(data).__name__}")
+        data = json_object(text, where, f"'{TLORA_METADATA_KEY}'")
         version = data.pop("format_version", None)
         if version != FILE_FORMAT_VERSION:
             raise ValueError(

@@ -8,7 +8,6 @@ PEFT LoRA. New formats are added with :func:`register_format`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -22,6 +21,7 @@ from .format import (
     TLORA_METADATA_KEY,
     WEIGHT_NAME,
     TLoRAFileMetadata,
+    json_object,
     peft_metadata,
     read_safetensors_metadata,
 )
@@ -246,12 +246,7 @@ def _adapter_config(metadata: dict[str, str], component: str, path: Path) -> Opt
     raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
     if raw is None:
         return None
-    try:
-        packed = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: '{LORA_ADAPTER_METADATA_KEY}' is not valid JSON ({e})") from None
-    if not isinstance(packed, dict):
-        raise ValueError(f"{path}: '{LORA_ADAPTER_METADATA_KEY}' must be a JSON object")
+    packed = json_object(raw, str(path), f"'{LORA_ADAPTER_METADATA_KEY}'")
     prefix = component + "."
     return {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
 

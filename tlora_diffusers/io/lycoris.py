@@ -18,7 +18,6 @@ names are resolved by walking the denoiser's ``named_modules()`` as LyCORIS does
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn as nn
 
 from ..config import TLoRAConfig
 from ..ortho import SIG_TYPES, paired_lora_factors, svd_basis
-from .format import TLoRAFileMetadata
+from .format import TLoRAFileMetadata, json_object
 from .load import ConvertedTLoRA, TLoRAFormat, default_lora_config, register_format
 
 __all__ = ["NeedsInputError", "schedule_config", "lycoris_config_of", "check_denoiser", "LYCORIS_PARAMS"]
@@ -118,13 +117,7 @@ def lycoris_config_of(source: Union[str, Path, Mapping[str, Any]], where: str) -
 
 
 def _parse_lycoris_json(text: str, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{where}: the LyCORIS config is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: the LyCORIS config must be a JSON object, got {type(data).__name__}")
-    return data
+    return json_object(text, where, "the LyCORIS config")
 
 
 def _tlora_from_lycoris(data: dict[str, Any], rank: int, path: Path, source: str) -> TLoRAConfig:
