@@ -98,10 +98,11 @@ class _Attachment:
             )
         patch = self._resolve(module)
         t = self.adapter.timestep(module, args, kwargs)
-        call = CallMask(patch, module, rank_mask(t, patch.config, patch.num_train_timesteps))
+        T = patch.num_train_timesteps
         fast = _FAST_RUN.get()
-        if fast is not None:
-            _fast_step(fast, t, patch)
+        if fast is not None and _fast_step(fast, t, patch, T):
+            return  # the ranks are in the weights and the LoRA branch is off: no mask to deliver
+        call = CallMask(patch, module, rank_mask(t, patch.config, T))
         if torch.is_grad_enabled():
             _wrap_checkpointing(self.checkpointable)
         call.token = _CURRENT.set(call)
@@ -125,21 +126,20 @@ class _Attachment:
         _unwrap_checkpointing(denoiser)
 
 
-def _fast_step(fast: FastMerge, t: Any, patch: "TLoRAPatch") -> None:
-    """Merge up to this call's rank, or fall back to the mask path for per-sample timesteps.
+def _fast_step(fast: FastMerge, t: Any, patch: "TLoRAPatch", T: int) -> bool:
+    """Merge up to this call's rank (True), or fall back to the mask path (False) for per-sample
+    timesteps, training calls and other denoisers.
 
     Reads the timestep on the host: the one device→host copy the fast path costs per call.
     """
     if patch is not fast.owner:
-        return  # another denoiser (e.g. a refiner called inside this run): not merged by this run
-    if torch.is_grad_enabled():
+        return False  # another denoiser (e.g. a refiner called inside this run): not merged by this run
+    values = None if torch.is_grad_enabled() else torch.as_tensor(t).reshape(-1).tolist()
+    if values is None or any(v != values[0] for v in values):
         fast.restore()
-        return
-    values = torch.as_tensor(t).reshape(-1).tolist()
-    if all(v == values[0] for v in values):
-        fast.merge_to(int(active_rank(float(values[0]), patch.config, patch.num_train_timesteps)))
-    else:
-        fast.restore()
+        return False
+    fast.merge_to(int(active_rank(float(values[0]), patch.config, T)))
+    return True
 
 
 class _MaskedCheckpointing:
