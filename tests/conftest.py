@@ -18,6 +18,7 @@ LORA_TARGETS = {
     "flux2-klein": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_qkv_mlp_proj"],
     "flux2": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_qkv_mlp_proj"],
     "sd3": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj"],
+    "sd": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"],
 }
 
 
@@ -76,6 +77,14 @@ def reference_rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int 
     return int(((T - t) / T) ** alpha * (max_rank - min_rank)) + min_rank
 
 
+def slot_mode(denoiser: torch.nn.Module):
+    """What the denoiser's masked layers apply right now: None (nothing), "weights" or "outputs"."""
+    from tlora_diffusers._attach import attachment_of
+
+    attachment = attachment_of(denoiser)
+    return None if attachment is None else attachment.slot.mode
+
+
 def state_hash(module: torch.nn.Module) -> dict:
     """Bit-exact fingerprint of a module's state_dict."""
     return {k: (tuple(v.shape), v.dtype, v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
@@ -87,3 +96,70 @@ def tiny():
     from tlora_diffusers.tiny import tiny_pipeline
 
     return tiny_pipeline
+
+
+def loop_timestep(pipe) -> float:
+    """The pipeline loop's own timestep right now, in scheduler units (0 = clean), read independently
+    of tlora_diffusers: ``pipe.current_timestep`` where the pipeline sets it, else the scheduler's entry."""
+    current = getattr(pipe, "_current_timestep", None)
+    if current is not None:
+        return float(torch.as_tensor(current).reshape(-1).max())
+    sched = pipe.scheduler
+    index = sched.step_index if getattr(sched, "step_index", None) is not None else (
+        sched.begin_index if getattr(sched, "begin_index", None) is not None else 0)
+    return float(sched.timesteps[index])
+
+
+class ReferenceMasks:
+    """An independent reference: plain PyTorch hooks on an *unpatched* pipeline's ``lora_A`` modules
+    that zero the ranks above r(t) of the loop timestep (the paper's formula, written out here).
+
+    ``configs``: adapter -> (max_rank, min_rank, alpha, lora_ranks_per_schedule_rank), on ``attrs``.
+    ``token_t``: for per-token pipelines, a function (raw timestep) -> per-token scheduler units.
+    """
+
+    def __init__(self, pipe, configs, attrs=None, token_layers=None, timestep_arg="timestep"):
+        self.pipe, self.configs = pipe, configs
+        self.attrs = attrs or [a for a in ("unet", "transformer", "transformer_2", "controlnet")
+                               if isinstance(getattr(pipe, a, None), torch.nn.Module)]
+        self.token_layers, self.timestep_arg = token_layers, timestep_arg
+        self.handles, self.state = [], {}
+        self.ranks_seen = []
+
+    def __enter__(self):
+        T = self.pipe.scheduler.config.num_train_timesteps
+        for attr in self.attrs:
+            den = getattr(self.pipe, attr)
+
+            def pre(module, args, kwargs):
+                self.state["t"] = loop_timestep(self.pipe)
+                raw = kwargs.get(self.timestep_arg)
+                self.state["raw"] = raw
+                self.ranks_seen.append({a: reference_rank(self.state["t"], *c[:3], T=T) for a, c in self.configs.items()})
+
+            self.handles.append(den.register_forward_pre_hook(pre, with_kwargs=True))
+            for name, module in den.named_modules():
+                for adapter, (max_rank, min_rank, alpha, per) in self.configs.items():
+                    if not name.endswith(f"lora_A.{adapter}"):
+                        continue
+                    tokenwise = self.token_layers is not None and self.token_layers(name.rsplit(".lora_A.", 1)[0])
+
+                    def hook(m, args, out, c=(max_rank, min_rank, alpha, per), tokenwise=tokenwise):
+                        dim = -1 if isinstance(m, torch.nn.Linear) else 1
+                        if tokenwise:
+                            t_tok = torch.as_tensor(self.state["raw"]).double()  # (B, seq), scheduler units
+                            r = torch.tensor([[reference_rank(float(v), *c[:3], T=T) for v in row] for row in t_tok])
+                            mask = (torch.arange(out.shape[-1])[None, None] < (r * c[3])[..., None]).to(out.dtype)
+                            return out * mask
+                        r = reference_rank(self.state["t"], *c[:3], T=T) * c[3]
+                        mask = (torch.arange(out.shape[dim]) < r).to(out.dtype)
+                        shape = [1] * out.ndim
+                        shape[dim] = out.shape[dim]
+                        return out * mask.reshape(shape)
+
+                    self.handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()

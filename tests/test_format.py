@@ -130,7 +130,7 @@ def test_bad_metadata_and_wrong_base_model(tmp_path):
         "shape": json.dumps({"format_version": 1, "max_rank": 4, "component": "unet"}),
         "targets": json.dumps({"format_version": 1, "max_rank": 8, "target_modules": "to_q"}),
     }
-    messages = {"notjson": "not valid JSON", "list": "must be a JSON object", "version": "format_version must be 1, got 7",
+    messages = {"notjson": "not valid JSON", "list": "must be a JSON object", "version": r"format_version must be one of \(1, 2\), got 7",
                 "badrank": "max_rank must be an int", "shape": "tensors have rank 8",
                 "targets": "target_modules must be a list of strings"}
     for name, raw in cases.items():

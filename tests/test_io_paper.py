@@ -154,8 +154,7 @@ def test_schedule_is_needed_and_checked(tmp_path):
         read_tlora(path)
     assert e.value.needs == "cfg" and e.value.partial["rank"] == RANK and e.value.partial["variant"] == "ortho"
     assert read_tlora(path, cfg=TLoRAConfig(RANK, 3, 2.0, "paired")).meta.config == TLoRAConfig(RANK, 3, 2.0, "paired")
-    with pytest.raises(ValueError, match="layout='paired'"):
-        read_tlora(path, cfg=TLoRAConfig(RANK, 3, 2.0))
+    assert read_tlora(path, cfg=TLoRAConfig(RANK, 3, 2.0)).meta.config == TLoRAConfig(RANK, 3, 2.0, "paired")
     with pytest.raises(ValueError, match="pass either cfg or min_rank"):
         read_tlora(path, cfg=TLoRAConfig(RANK, 3, 2.0, "paired"), min_rank=3)
     with pytest.raises(ValueError, match="alpha= was given without min_rank"):

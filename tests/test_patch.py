@@ -8,7 +8,7 @@ from conftest import add_lora, reference_rank, run_concurrently, state_hash, une
 from peft import LoraConfig
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
-from tlora_diffusers._context import current_call
+from tlora_diffusers._attach import attachment_of
 from tlora_diffusers.tiny import tiny_pipeline, tiny_prompt_embeds
 
 
@@ -21,6 +21,12 @@ def unet():
     return pipe.unet
 
 
+
+
+def current_mode(denoiser):
+    """What the denoiser's masked layers would apply right now (None: nothing)."""
+    attachment = attachment_of(denoiser)
+    return None if attachment is None else attachment.slot.mode
 
 
 def truncated_copy(model: torch.nn.Module, rank: int, adapter: str = "default") -> torch.nn.Module:
@@ -100,15 +106,15 @@ def test_exception_inside_denoiser_leaves_no_mask_active(unet):
     seen = []
 
     def boom(module, args):
-        seen.append(current_call())
+        seen.append(current_mode(unet))
         raise RuntimeError("boom")
 
     h = unet.mid_block.register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         unet(timestep=900, **x)
     h.remove()
-    assert seen[0] is not None and seen[0].owner is patch  # the mask was active inside the call
-    assert current_call() is None  # and is gone after it raised
+    assert seen[0] == "weights"  # the mask was active inside the call
+    assert current_mode(unet) is None  # and is gone after it raised
     expected = truncated_copy(unet, reference_rank(100, 8, 1, 1.0))(timestep=100, **x).sample
     assert torch.equal(unet(timestep=100, **x).sample, expected)
     patch.remove()
@@ -125,13 +131,16 @@ def test_keyboard_interrupt_inside_pipeline_leaves_no_mask_active():
         with pytest.raises(KeyboardInterrupt):
             pipe(**kw)
         h.remove()
-        assert current_call() is None
         again = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+        assert current_mode(pipe.unet) is None
     assert (clean == again).all()
 
 
 def _no_hooks_left(module):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    from tlora_diffusers.backends.peft import masked_classes
+
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not isinstance(m, masked_classes())
+               and not any(k.startswith("_tlora") for k in vars(m)) for m in module.modules())
 
 
 def test_lossless_remove_and_cycles():
@@ -154,7 +163,7 @@ def test_pipeline_patch_via_context_manager_and_repr():
     pipe = tiny_pipeline("flux")
     add_lora(pipe.transformer, "flux")
     with TLoRAPatch(pipe, TLoRAConfig(8, 1, 0.5)) as patch:
-        assert "FluxTransformer2DModel" in repr(patch) and patch.adapter_names == ["default"]
+        assert "pipe.transformer" in repr(patch) and patch.adapter_names == ["default"]
         assert any("to_q" in n for n in patch.layer_names)
     assert "removed" in repr(patch) and _no_hooks_left(pipe.transformer)
 
@@ -188,7 +197,7 @@ def test_error_fused_after_patching_detected_at_call():
     for layer in pipe.unet.modules():
         if hasattr(layer, "merge") and hasattr(layer, "lora_A"):
             layer.merge()
-    with pytest.raises(RuntimeError, match="can no longer mask .*fused"):
+    with pytest.raises(RuntimeError, match="can no longer mask: .*fused.*unfuse_lora\\(\\) to mask it again"):
         pipe(**tiny_prompt_embeds(pipe), num_inference_steps=1, height=64, width=64)
     patch.remove()
 
@@ -205,7 +214,7 @@ def test_error_rank_mismatch_names_adapter_and_adapter_selection():
     add_lora(pipe.unet, "sdxl", rank=8, name="tlora")
     add_lora(pipe.unet, "sdxl", rank=4, name="style", seed=5)
     pipe.unet.set_adapters(["tlora", "style"])
-    with pytest.raises(ValueError, match=r"adapter 'style' has rank 4 at .* but TLoRAConfig.max_rank=8"):
+    with pytest.raises(ValueError, match=r"adapter 'style' has rank 4 at .* but its TLoRAConfig max_rank=8"):
         TLoRAPatch(pipe, TLoRAConfig(8))
     with pytest.raises(ValueError, match=r"adapter\(s\) \['nope'\] have no LoRA layers.*\['style', 'tlora'\]"):
         TLoRAPatch(pipe, TLoRAConfig(8), adapter_names=["nope"])
@@ -219,7 +228,7 @@ def test_error_rank_mismatch_names_adapter_and_adapter_selection():
 
 def test_error_unknown_denoiser_lists_supported_and_how_to_register():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"no T-LoRA model adapter for Sequential; supported: .*UNet2DConditionModel.*register_model_adapter"):
+    with pytest.raises(TypeError, match=r"no T-LoRA model family knows Sequential; supported: .*UNet2DConditionModel.*register_model_family"):
         TLoRAPatch(model, TLoRAConfig(4))
 
 
@@ -243,8 +252,8 @@ def test_error_double_patch():
 @pytest.mark.parametrize(
     "kwargs, exc, fragment",
     [
-        (dict(cfg=None), ValueError, "TLoRAPatch needs cfg=TLoRAConfig"),
-        (dict(cfg={"max_rank": 8}), TypeError, "cfg must be a TLoRAConfig, got dict"),
+        (dict(cfg=None), ValueError, "no T-LoRA config was found for adapter(s) ['default']"),
+        (dict(cfg={"max_rank": 8}), TypeError, "cfg must be a TLoRAConfig, or a dict of adapter name -> TLoRAConfig"),
         (dict(cfg=TLoRAConfig(8), num_train_timesteps=0), ValueError, "num_train_timesteps must be an int >= 1, got 0"),
     ],
 )
@@ -256,7 +265,7 @@ def test_error_bad_arguments(unet, kwargs, exc, fragment):
 
 
 def test_error_pipeline_arguments():
-    with pytest.raises(TypeError, match="needs a diffusers pipeline with a `unet` or `transformer`.*got object"):
+    with pytest.raises(TypeError, match="needs a diffusers pipeline or a denoiser nn.Module; got object"):
         TLoRAPatch(object(), TLoRAConfig(8))
     pipe = tiny_pipeline("flux")
     add_lora(pipe.transformer, "flux")
@@ -272,7 +281,7 @@ def test_error_missing_timestep_and_bad_timestep(unet):
             unet(timestep=None, **x)
         with pytest.raises(ValueError, match="must be finite"):
             unet(timestep=torch.tensor(float("nan")), **x)
-        assert current_call() is None
+        assert current_mode(unet) is None
 
 
 class TinyDenoiser(torch.nn.Module):
@@ -287,16 +296,18 @@ class TinyDenoiser(torch.nn.Module):
 
 
 @torch.no_grad()
-def test_register_model_adapter_and_batch_mismatch():
-    from tlora_diffusers import ModelAdapter, register_model_adapter
-
-    model = TinyDenoiser()
+def test_register_model_family_and_batch_mismatch():
     from peft import inject_adapter_in_model
 
+    from tlora_diffusers.models import ModelFamily, conventions, register_model_family
+
+    model = TinyDenoiser()
     inject_adapter_in_model(LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False), model)
-    with pytest.raises(TypeError, match="no T-LoRA model adapter for TinyDenoiser"):
+    with pytest.raises(TypeError, match=r"no T-LoRA model family knows TinyDenoiser.*timestep_arg='t'"):
         TLoRAPatch(model, TLoRAConfig(4, 0))
-    register_model_adapter(TinyDenoiser, ModelAdapter(timestep_arg="t", scale=10.0))
+    # the error's advice, taken: the model receives t / 10 (a Scaled(10) convention)
+    register_model_family(ModelFamily("tiny-test", ("TinyDenoiser",), timestep_arg="t",
+                                      convention=conventions.Scaled(10.0)))
     x = torch.randn(2, 3, 4)
     with TLoRAPatch(model, TLoRAConfig(4, 0)):
         full = model(x, None, 0.0)
@@ -307,8 +318,10 @@ def test_register_model_adapter_and_batch_mismatch():
         h.remove()
         assert spy[0][0].abs().amax(0).gt(0).sum() == 2 and spy[0][1].abs().amax(0).gt(0).sum() == 0
         assert torch.equal(model(x, None, t=0.0), full)
-        with pytest.raises(ValueError, match="received a batch of 2 but the denoiser call has 3 per-sample timesteps"):
+        with pytest.raises(ValueError, match="received a batch of 2 but the TinyDenoiser call has 3 per-sample"):
             model(x, None, torch.tensor([1.0, 2.0, 3.0]))
+        with pytest.raises(ValueError, match=r"converts \(t / 10\) to t=1500, outside \[0, T=1000\]"):
+            model(x, None, 150.0)
 
 
 # -- shared denoisers -----------------------------------------------------------------------
@@ -387,20 +400,26 @@ def test_mask_reaches_each_device_once_without_host_round_trip():
     """Layers on different devices get the mask on their own device, converted once per call per
     (device, dtype). Meta tensors stand in for a second device: they have no data, so any host
     read of the mask there would raise."""
-    from tlora_diffusers._context import CallMask
+    from types import SimpleNamespace
+
+    from tlora_diffusers._calls import CallMasks
 
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    call = CallMask(owner=None, module=None, mask=mask)
+    call = CallMasks({"a": mask})
+
+    def layer(rank_dim, name):
+        return SimpleNamespace(_tlora_adapter="a", _tlora_rank_dim=rank_dim, _tlora_tokenwise=False, _tlora_name=name)
+
     cpu_out = torch.ones(2, 3, 4)
     meta_out = torch.empty(2, 3, 4, device="meta", dtype=torch.bfloat16)
     conv_meta = torch.empty(2, 4, 5, 5, device="meta", dtype=torch.bfloat16)
-    a = call.view_for(cpu_out, -1, "layer on cpu")
-    b = call.view_for(meta_out, -1, "layer on meta")
-    c = call.view_for(conv_meta, 1, "conv on meta")
+    a = call.view_for(layer(-1, "layer on cpu"), cpu_out)
+    b = call.view_for(layer(-1, "layer on meta"), meta_out)
+    c = call.view_for(layer(1, "conv on meta"), conv_meta)
     assert a.device.type == "cpu" and b.device.type == "meta" and b.dtype == torch.bfloat16
     assert (cpu_out * a)[1, 0].tolist() == [1.0, 0.0, 0.0, 0.0]
     assert c.shape == (2, 4, 1, 1) and (meta_out * b).device.type == "meta"
-    assert call.view_for(meta_out, -1, "another layer on meta") is b  # cached: one conversion per device
+    assert call.view_for(layer(-1, "another layer on meta"), meta_out) is b  # cached: one conversion per device
     assert len(call._views) == 3
 
 
@@ -465,7 +484,7 @@ def test_bare_denoiser_fused_after_patching_is_an_error():
             layer.merge()
     with pytest.raises(RuntimeError, match="fused into the base weights"):
         unet(timestep=500, **unet_inputs(unet))
-    assert current_call() is None
+    assert current_mode(unet) is None
     patch.remove()
 
 
@@ -480,12 +499,14 @@ def test_patched_pipeline_keeps_its_call_signature_and_docs():
         assert "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
 
 
-def test_second_denoiser_with_lora_is_refused():
+@torch.no_grad()
+def test_a_second_denoiser_with_lora_is_masked_too():
     pipe = tiny_pipeline("flux")
     add_lora(pipe.transformer, "flux")
     second = tiny_pipeline("flux", seed=1).transformer
-    add_lora(second, "flux")
-    vars(pipe)["transformer_2"] = second  # as Wan 2.2 pipelines carry one
-    with pytest.raises(ValueError, match=r"pipe.transformer_2 also carries LoRA layers"):
-        TLoRAPatch(pipe, TLoRAConfig(8))
-    assert _no_hooks_left(pipe.transformer)
+    add_lora(second, "flux", seed=3)
+    vars(pipe)["transformer_2"] = second  # as Wan 2.2 pipelines carry one (here never called by the loop)
+    with TLoRAPatch(pipe, TLoRAConfig(8)) as patch:
+        assert sorted(patch.denoisers) == ["transformer", "transformer_2"]
+        assert attachment_of(second) is not None
+    assert _no_hooks_left(pipe.transformer) and _no_hooks_left(second)

@@ -8,9 +8,9 @@ from tlora_diffusers import TLoRAConfig, TLoRAPatch
 from tlora_diffusers.tiny import KINDS, tiny_pipeline, tiny_prompt_embeds
 
 #: Denoiser calls per sampling step: Flux2 Klein runs CFG as a second call; SDXL/SD3 double the batch.
-CALLS_PER_STEP = {"sdxl": 1, "flux": 1, "flux2-klein": 2, "flux2": 1, "sd3": 1}
+CALLS_PER_STEP = {"sdxl": 1, "flux": 1, "flux2-klein": 2, "flux2": 1, "sd3": 1, "sd": 1}
 #: What the pipeline passes as `timestep`, in scheduler units (FACTS.md).
-MODEL_SCALE = {"sdxl": 1, "flux": 1000, "flux2-klein": 1000, "flux2": 1000, "sd3": 1}
+MODEL_SCALE = {"sdxl": 1, "flux": 1000, "flux2-klein": 1000, "flux2": 1000, "sd3": 1, "sd": 1}
 
 
 def denoiser_of(pipe):

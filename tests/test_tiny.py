@@ -16,7 +16,7 @@ from tlora_diffusers.tiny import KINDS, save_tiny_pipeline, tiny_pipeline, tiny_
 
 PROMPT = "a photo of a sks dog"
 DENOISER = {"sdxl": "unet", "flux": "transformer", "flux2-klein": "transformer", "flux2": "transformer",
-            "sd3": "transformer"}
+            "sd3": "transformer", "sd": "unet"}
 
 
 def _run(pipe: DiffusionPipeline, **kwargs) -> np.ndarray:
@@ -159,12 +159,13 @@ def test_denoisers_keep_real_module_names(kind: str, modules: list[str]) -> None
 
 @pytest.mark.parametrize(
     ("kind", "expected"),
-    [("sdxl", [751, 501, 251, 1]), ("flux", None), ("flux2-klein", None), ("flux2", None), ("sd3", None)],
+    [("sdxl", [751, 501, 251, 1]), ("flux", None), ("flux2-klein", None), ("flux2", None), ("sd3", None),
+     ("sd", [751, 501, 251, 1])],
 )
 def test_stock_schedulers(kind: str, expected: list[int] | None) -> None:
     scheduler = tiny_pipeline(kind).scheduler
     assert scheduler.config.num_train_timesteps == 1000
-    if kind == "sdxl":
+    if kind in ("sdxl", "sd"):
         scheduler.set_timesteps(4)
         assert scheduler.timesteps.tolist() == expected
     else:

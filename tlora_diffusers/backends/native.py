@@ -3,8 +3,9 @@
 PEFT has no layer with a frozen base branch, so ortho training uses this small wrapper,
 which keeps ``base_layer`` like PEFT does and declares its adapter tensors as class
 tuples. Linear and Conv2d of any kernel size (LyCORIS crashes on k > 1). The rank
-bottleneck runs through ``rank_gate`` with shape (…, 2, R): trainable and frozen
-branches share one mask entry per rank. Saved files use the exact paired PEFT encoding
+bottleneck has shape (…, 2, R) (conv: (B, 2, R, H, W)): trainable and frozen branches
+share one mask entry per rank, read from the denoiser's slot in ``OUTPUTS`` mode (these
+layers are for training). Saved files use the exact paired PEFT encoding
 (:func:`tlora_diffusers.ortho.paired_lora_factors`).
 """
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._calls import OUTPUTS, mask_output
 from ..ortho import paired_lora_factors
 from . import MaskSite
 
@@ -44,7 +46,6 @@ class OrthoTLoRALayer(nn.Module):
         self.register_buffer("q0", q.to(dtype).clone())
         self.register_buffer("p0", p.to(dtype).clone())
         self.register_buffer("lam0", lam.reshape(-1).to(dtype).clone())
-        self.rank_gate = nn.Identity()
         self.to(base_layer.weight.device)
 
     @property
@@ -65,16 +66,23 @@ class OrthoTLoRALayer(nn.Module):
             def up(h, lam, w):
                 return F.conv2d(h * lam.to(x.dtype)[:, None, None], w.to(x.dtype)[:, :, None, None])
 
-            h = self.rank_gate(torch.stack([down(self.q), down(self.q0)], dim=1))  # (B, 2, R, H, W)
+            h = self._gate(torch.stack([down(self.q), down(self.q0)], dim=1))  # (B, 2, R, H, W)
             h, h0 = h[:, 0], h[:, 1]
         else:
 
             def up(h, lam, w):
                 return F.linear(h * lam.to(x.dtype), w.to(x.dtype))
 
-            h = self.rank_gate(torch.stack([F.linear(x, self.q.to(x.dtype)), F.linear(x, self.q0.to(x.dtype))], -2))
+            h = self._gate(torch.stack([F.linear(x, self.q.to(x.dtype)), F.linear(x, self.q0.to(x.dtype))], -2))
             h, h0 = h[..., 0, :], h[..., 1, :]
         return result + (up(h, self.lam, self.p) - up(h0, self.lam0, self.p0)) * self.scale
+
+    def _gate(self, h: torch.Tensor) -> torch.Tensor:
+        """The rank bottleneck: masked by the current call when a patch is attached."""
+        slot = self.__dict__.get("_tlora_slot")
+        if slot is None or slot.mode is not OUTPUTS:
+            return h
+        return mask_output(self, h)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``‖PᵀP − I‖² + ‖QQᵀ − I‖²`` (paper Sec. 3.2); zero at an SVD init."""
@@ -98,15 +106,26 @@ class NativeBackend:
     def active_adapters(self, denoiser: nn.Module) -> list[str]:
         return ["ortho"] if any(isinstance(m, OrthoTLoRALayer) for m in denoiser.modules()) else []
 
-    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str], layout: str = "plain") -> list[MaskSite]:
+    loaded_adapters = active_adapters
+
+    def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str]) -> list[MaskSite]:
         if "ortho" not in adapters:
             return []
         return [
-            MaskSite(f"{name} (adapter 'ortho')", "ortho", layer.rank_gate, -1 if not layer.is_conv else 2,
-                     layer.rank, _always_valid, layout="plain")
+            MaskSite(f"{name} (adapter 'ortho')", "ortho", layer, 2 if layer.is_conv else -1, layer.rank,
+                     _always_valid, path=name, groupable=False, backend=self.name)
             for name, layer in denoiser.named_modules()
             if isinstance(layer, OrthoTLoRALayer)
         ]
+
+    def install(self, site: MaskSite, slot, tokenwise: bool) -> None:
+        d = site.module.__dict__
+        d["_tlora_slot"], d["_tlora_adapter"], d["_tlora_rank_dim"] = slot, site.adapter, site.rank_dim
+        d["_tlora_tokenwise"], d["_tlora_name"] = tokenwise, site.name
+
+    def uninstall(self, site: MaskSite) -> None:
+        for key in [k for k in site.module.__dict__ if k.startswith("_tlora_")]:
+            del site.module.__dict__[key]
 
 
 def _always_valid() -> Optional[str]:

@@ -8,8 +8,9 @@ from .format import (
     read_tlora_metadata,
     save_tlora,
 )
-from .inspect import convert_tlora, inspect_tlora
-from .load import LoadedTLoRA, TLoRAFormat, detect_format, load_tlora, read_tlora, register_format
+from .formats import ConvertedTLoRA, TLoRAFormat, detect_format, formats, register_format
+from .inspect import TLoRAReport, convert_tlora, inspect_tlora
+from .load import LoadedTLoRA, load_tlora, read_tlora
 
 __all__ = [
     "TLORA_METADATA_KEY",
@@ -18,11 +19,14 @@ __all__ = [
     "save_tlora",
     "read_tlora_metadata",
     "atomic_save_safetensors",
+    "ConvertedTLoRA",
     "LoadedTLoRA",
     "TLoRAFormat",
+    "TLoRAReport",
     "load_tlora",
     "read_tlora",
     "detect_format",
+    "formats",
     "register_format",
     "inspect_tlora",
     "convert_tlora",

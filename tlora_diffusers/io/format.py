@@ -5,7 +5,10 @@ Tensors use diffusers' PEFT layout (``unet.<module>.lora_A.weight`` /
 metadata, so stock ``pipe.load_lora_weights(dir)`` loads it. The T-LoRA schedule is
 versioned JSON under the ``tlora_config`` metadata key, and mirrored into the PEFT
 ``LoraConfig.base_model_name_or_path`` (an informational field diffusers never reads)
-so that ``TLoRAPatch(pipe)`` finds it after a stock load.
+so that ``TLoRAPatch(pipe)`` finds it after a stock load. A stock hotswap replaces an
+adapter's weights without touching that field, so the metadata also carries a small
+fingerprint of the weights (a few ``lora_A`` values): a config whose weights are gone is
+refused instead of read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -31,12 +34,19 @@ __all__ = [
     "read_tlora_metadata",
     "atomic_save_safetensors",
     "config_from_peft",
+    "weights_fingerprint",
+    "fingerprint_matches",
+    "config_after_hotswap",
 ]
 
 TLORA_METADATA_KEY = "tlora_config"
+#: Key prefixes of diffusers LoRA files (``unet_name`` / ``transformer_name`` of its loaders).
+COMPONENT_PREFIXES = ("unet", "transformer")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2
+#: Versions this release reads (1: no weights fingerprint).
+READABLE_VERSIONS = (1, 2)
 VARIANTS = ("vanilla", "ortho")
 _PEFT_MARKER = "tlora_diffusers:"
 #: Metadata larger than this is refused before parsing (safetensors headers are small).
@@ -64,13 +74,23 @@ class TLoRAFileMetadata:
     component: str = "unet"
     target_modules: tuple[str, ...] = field(default_factory=tuple)
     source_format: Optional[str] = None
+    #: A few ``lora_A`` values per sampled module (``weights_fingerprint``); empty for version-1 files.
+    fingerprint: Mapping[str, tuple[float, ...]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.component not in ("unet", "transformer"):
-            raise ValueError(f"component must be 'unet' or 'transformer', got {self.component!r}")
+        if self.component not in COMPONENT_PREFIXES:
+            raise ValueError(f"component must be one of {COMPONENT_PREFIXES} (the key prefix of diffusers LoRA files), "
+                             f"got {self.component!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        fingerprint = self.fingerprint or {}
+        if not isinstance(fingerprint, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v)
+            for k, v in fingerprint.items()
+        ):
+            raise ValueError(f"fingerprint must map module names to lists of numbers, got {fingerprint!r}")
+        object.__setattr__(self, "fingerprint", {k: tuple(float(x) for x in v) for k, v in fingerprint.items()})
 
     def to_json(self) -> str:
         return json.dumps(
@@ -82,6 +102,7 @@ class TLoRAFileMetadata:
                 "component": self.component,
                 "target_modules": list(self.target_modules),
                 "source_format": self.source_format,
+                "fingerprint": {k: list(v) for k, v in self.fingerprint.items()},
             },
             sort_keys=True,
         )
@@ -90,9 +111,9 @@ class TLoRAFileMetadata:
     def from_json(cls, text: str, where: str = "metadata") -> "TLoRAFileMetadata":
         data = json_object(text, where, f"'{TLORA_METADATA_KEY}'")
         version = data.pop("format_version", None)
-        if version != FILE_FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{where}: T-LoRA file format_version must be {FILE_FORMAT_VERSION}, got {version!r}; "
+                f"{where}: T-LoRA file format_version must be one of {READABLE_VERSIONS}, got {version!r}; "
                 "upgrade tlora_diffusers to read it"
             )
         try:
@@ -103,6 +124,10 @@ class TLoRAFileMetadata:
             for key in ("base_model", "source_format"):
                 if data.get(key) is not None and not isinstance(data[key], str):
                     raise ValueError(f"{key} must be a string, got {data[key]!r}")
+            allowed = {"variant", "base_model", "component", "source_format", "fingerprint"}
+            unknown = sorted(set(data) - allowed)
+            if unknown:
+                raise ValueError(f"unknown keys {unknown}")
             return cls(config=config, target_modules=tuple(targets), **data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: invalid '{TLORA_METADATA_KEY}': {e}") from None
@@ -156,6 +181,8 @@ def save_tlora(
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / WEIGHT_NAME
+    if not meta.fingerprint:
+        meta = replace(meta, fingerprint=weights_fingerprint(state_dict))
     prefix = meta.component + "."
     tensors = {k if k.startswith(prefix) else prefix + k: v for k, v in state_dict.items()}
     adapter_meta = {f"{meta.component}.{k}": v for k, v in peft_metadata(lora_config, meta).items()}
@@ -199,3 +226,68 @@ def config_from_peft(peft_config: Any) -> Optional[TLoRAFileMetadata]:
     if not isinstance(marker, str) or not marker.startswith(_PEFT_MARKER):
         return None
     return TLoRAFileMetadata.from_json(marker[len(_PEFT_MARKER):], where="adapter config")
+
+
+#: How many ``lora_A`` tensors, and values of each, a fingerprint samples.
+_FINGERPRINT_MODULES, _FINGERPRINT_VALUES = 4, 8
+
+
+def _strip(key: str) -> str:
+    return key.split(".", 1)[1] if key.split(".", 1)[0] in COMPONENT_PREFIXES else key
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[float, ...]]:
+    """The first values of a few evenly spaced ``lora_A`` tensors, by module path (no adapter name)."""
+    keys = sorted(k for k in state_dict if k.endswith(".lora_A.weight"))
+    if not keys:
+        return {}
+    step = max(1, len(keys) // _FINGERPRINT_MODULES)
+    out = {}
+    for key in keys[::step][:_FINGERPRINT_MODULES]:
+        values = state_dict[key].detach().reshape(-1)[:_FINGERPRINT_VALUES].double().cpu().tolist()
+        out[_strip(key)[: -len(".lora_A.weight")]] = tuple(values)
+    return out
+
+
+def fingerprint_matches(denoiser: Any, adapter: str, meta: "TLoRAFileMetadata") -> bool:
+    """Whether ``adapter``'s live ``lora_A`` weights are still those the metadata was saved with.
+
+    Tolerates a cast to half precision (values within 1 %); a hotswapped adapter's weights differ.
+    """
+    for module_path, expected in meta.fingerprint.items():
+        try:
+            layer = denoiser.get_submodule(module_path)
+            weight = layer.lora_A[adapter].weight
+        except (AttributeError, KeyError):
+            return False
+        if weight.is_meta:
+            continue  # offloaded: nothing to compare without loading it
+        live = weight.detach().reshape(-1)[: len(expected)].double().cpu()
+        ref = torch.tensor(expected, dtype=torch.float64)
+        scale = ref.abs().max().clamp_min(1e-12)
+        if live.shape != ref.shape or bool(((live - ref).abs() > 1e-2 * ref.abs() + 1e-4 * scale).any()):
+            return False
+    return True
+
+
+def config_after_hotswap(source: Any, metadata: Optional[Mapping[str, Any]],
+                         prefix: Optional[str]) -> tuple[Optional[TLoRAConfig], Optional[str]]:
+    """The schedule (and the ``base_model_name_or_path`` marker) of a file hotswapped into an adapter.
+
+    ``metadata`` is what diffusers passed ``load_lora_adapter`` (the file's adapter
+    metadata, keys prefixed by the component); without it a path's safetensors header is read.
+    """
+    marker = None
+    if metadata:
+        keys = {k.removeprefix(f"{prefix}.") if prefix else k: v for k, v in metadata.items()}
+        marker = keys.get("base_model_name_or_path")
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        path = path / WEIGHT_NAME if path.is_dir() else path
+        if path.is_file() and path.suffix == ".safetensors":
+            raw = read_safetensors_metadata(path)
+            if TLORA_METADATA_KEY in raw:
+                marker = _PEFT_MARKER + TLoRAFileMetadata.from_json(raw[TLORA_METADATA_KEY], where=str(path)).to_json()
+    if not isinstance(marker, str) or not marker.startswith(_PEFT_MARKER):
+        return None, None
+    return TLoRAFileMetadata.from_json(marker[len(_PEFT_MARKER):], where="hotswapped file").config, marker

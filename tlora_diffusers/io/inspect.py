@@ -17,19 +17,11 @@ from typing import Any, Optional, Union
 
 from ..config import TLoRAConfig
 from .format import TLORA_METADATA_KEY, save_tlora
-from .load import (
-    ConvertedTLoRA,
-    _denoiser_of,
-    _lora_rank,
-    check_modules,
-    detect_format,
-    read_tensors,
-    read_tlora,
-    resolve_path,
-)
-from .lycoris import NeedsInputError
+from .common import NeedsInputError, lora_rank
+from .formats import ConvertedTLoRA, detect_format
+from .load import check_modules, denoiser_of, read_tensors, read_tlora, resolve_path
 
-__all__ = ["inspect_tlora", "convert_tlora", "compress_names"]
+__all__ = ["inspect_tlora", "convert_tlora", "compress_names", "TLoRAReport"]
 
 _INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 
@@ -42,6 +34,38 @@ def compress_names(names: list[str]) -> dict[str, int]:
         {'blocks.*.attn.to_q': 2, 'blocks.*.ff': 1}
     """
     return dict(Counter(_INDEX.sub("*", n) for n in names))
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items() if k != "format_version") or "-"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
+    return "-" if value is None or value == "" else str(value)
+
+
+class TLoRAReport(dict):
+    """What :func:`inspect_tlora` found: a dict (JSON-ready) whose ``str()`` is a short report for people.
+
+    ``print(report)`` shows one line per field, module patterns below and metadata keys last;
+    ``report["config"]`` and ``json.dumps(report)`` give everything.
+    """
+
+    def __str__(self) -> str:
+        report = dict(self)
+        modules, metadata = report.pop("modules", None), report.pop("metadata", None)
+        report.pop("description", None)
+        lines = [f"{key}: {_inline(value)}" for key, value in report.items()]
+        if modules:
+            lines.append("modules:")
+            items = modules.items() if isinstance(modules, dict) else ((m, None) for m in modules)
+            lines += [f"  {name}" + ("" if count is None else f": {count}") for name, count in items]
+        if metadata:
+            lines.append(f"metadata: {', '.join(map(str, metadata))} (values: report['metadata'] or --json)")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython / notebooks
+        printer.text(str(self))
 
 
 def _parsed_metadata(metadata: dict[str, str]) -> dict[str, Any]:
@@ -66,7 +90,7 @@ def _describe(converted: ConvertedTLoRA) -> dict[str, Any]:
 
 def inspect_tlora(
     path: Union[str, Path], denoiser: Optional[Any] = None, **options: Any
-) -> dict[str, Any]:
+) -> TLoRAReport:
     """What a T-LoRA file is: format, schedule (or ``"needs cfg"``), variant, rank, modules, metadata.
 
     Nothing is loaded onto a model. ``denoiser`` (a pipeline or denoiser) checks that the
@@ -74,7 +98,7 @@ def inspect_tlora(
     it their ``lycoris_*`` names are listed; with it and a schedule, their base is rebuilt,
     one SVD per layer). ``options`` are the format's conversion options (``min_rank=``, ...).
 
-    Returns a dict with ``path``, ``format``, ``description``, ``config`` (a dict, or
+    Returns a :class:`TLoRAReport` (a dict; ``print`` it for a short report) with ``path``, ``format``, ``description``, ``config`` (a dict, or
     ``"needs cfg"``), ``variant``, ``layout``, ``rank`` (schedule ranks), ``lora_rank``,
     ``num_modules``, ``modules`` (:func:`compress_names` patterns), ``parameters`` (in the
     file), ``dtypes``, ``metadata`` (JSON values decoded), ``needs`` (``"cfg"`` /
@@ -88,7 +112,7 @@ def inspect_tlora(
     path = resolve_path(path)
     tensors, metadata = read_tensors(path)
     fmt = detect_format(list(tensors), metadata, path)
-    model = _denoiser_of(denoiser) if denoiser is not None else None
+    model = denoiser_of(denoiser) if denoiser is not None else None
     info: dict[str, Any] = {
         "path": str(path), "format": fmt.name, "description": fmt.description,
         "parameters": sum(t.numel() for t in tensors.values()), "num_tensors": len(tensors),
@@ -110,14 +134,14 @@ def inspect_tlora(
     modules = info.pop("modules", [])
     info["num_modules"] = len(modules)
     info["modules"] = compress_names(modules)
-    return info
+    return TLoRAReport(info)
 
 
 def _inspect_plain_diffusers(path: Path, tensors: dict) -> dict[str, Any]:
     """A plain diffusers LoRA without T-LoRA metadata: everything but the schedule."""
     component = next(iter(tensors)).split(".", 1)[0]
     state_dict = {k.split(".", 1)[1]: v for k, v in tensors.items()}
-    rank = _lora_rank(state_dict, path)
+    rank = lora_rank(state_dict, path)
     modules = sorted({k.rpartition(".lora_")[0] for k in state_dict})
     return {"config": "needs cfg", "variant": "vanilla", "layout": "plain", "rank": rank, "lora_rank": rank,
             "modules": modules, "component": component, "needs": ["cfg"]}
@@ -143,7 +167,7 @@ def convert_tlora(
         PosixPath('converted/pytorch_lora_weights.safetensors')
     """
     src = resolve_path(src)
-    model = _denoiser_of(denoiser) if denoiser is not None else None
+    model = denoiser_of(denoiser) if denoiser is not None else None
     converted = read_tlora(src, model, cfg, **options)
     if model is not None:
         check_modules(model, converted.state_dict, src)

@@ -28,10 +28,11 @@ import torch.nn as nn
 
 from ..config import TLoRAConfig
 from ..ortho import SIG_TYPES, paired_lora_factors, svd_basis
+from .common import NeedsInputError, check_denoiser, default_lora_config, schedule_config
 from .format import TLoRAFileMetadata, json_object
-from .load import ConvertedTLoRA, TLoRAFormat, default_lora_config, register_format
+from .formats import ConvertedTLoRA, TLoRAFormat
 
-__all__ = ["NeedsInputError", "schedule_config", "lycoris_config_of", "check_denoiser", "LYCORIS_PARAMS"]
+__all__ = ["FORMAT", "lycoris_config_of", "LYCORIS_PARAMS", "LYCORIS_CONFIG_KEY"]
 
 #: Tensors LyCORIS saves per ``tlora`` module (``TLoraModule.weight_list``).
 LYCORIS_PARAMS = ("q_layer.weight", "p_layer.weight", "lambda_layer", "alpha")
@@ -40,67 +41,6 @@ LYCORIS_CONFIG_KEY = "lycoris_config"
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Weights stacked into one batched SVD hold at most this many elements (256 MiB in float32).
 _SVD_BATCH_ELEMENTS = 1 << 26
-
-
-class NeedsInputError(ValueError):
-    """A file cannot be converted without more input.
-
-    ``needs`` is ``"cfg"`` (the schedule is not in the file) or ``"denoiser"`` (the base
-    weights are needed); ``partial`` holds what was learnt from the file anyway (rank,
-    variant, modules, ...), which ``inspect_tlora`` reports.
-    """
-
-    def __init__(self, message: str, needs: str, partial: Optional[dict[str, Any]] = None) -> None:
-        super().__init__(message)
-        self.needs = needs
-        self.partial = dict(partial or {})
-
-
-def check_denoiser(denoiser: Any) -> None:
-    """Converters take the denoiser module (or ``None``); catch a config passed in its place."""
-    if denoiser is not None and not isinstance(denoiser, nn.Module):
-        raise TypeError(
-            f"denoiser must be an nn.Module (the pipeline's unet/transformer) or None, got {type(denoiser).__name__}; "
-            "pass the schedule as cfg=TLoRAConfig(...)"
-        )
-
-
-def schedule_config(
-    path: Path,
-    max_rank: int,
-    layout: str,
-    cfg: Optional[TLoRAConfig],
-    min_rank: Optional[int],
-    alpha: Optional[float],
-) -> Optional[TLoRAConfig]:
-    """The schedule from ``cfg`` or the ``min_rank=``/``alpha=`` options; ``None`` if neither is given.
-
-    ``max_rank`` comes from the tensor shapes and ``layout`` from the format, so both are
-    checked against ``cfg`` rather than taken from it.
-    """
-    if cfg is not None:
-        if not isinstance(cfg, TLoRAConfig):
-            raise TypeError(f"cfg must be a TLoRAConfig, got {type(cfg).__name__}")
-        if min_rank is not None or alpha is not None:
-            raise ValueError(f"{path}: pass either cfg or min_rank=/alpha=, not both")
-        if cfg.max_rank != max_rank:
-            raise ValueError(f"{path}: cfg.max_rank={cfg.max_rank} but the file's tensors have rank {max_rank}")
-        if cfg.layout != layout:
-            raise ValueError(
-                f"{path}: this file loads as a layout={layout!r} LoRA (an orthogonal T-LoRA becomes an exact "
-                f"rank-{2 * max_rank} PEFT LoRA, two LoRA ranks per schedule rank); pass "
-                f"cfg=TLoRAConfig({max_rank}, {cfg.min_rank}, {cfg.alpha}, layout={layout!r}), or "
-                f"min_rank={cfg.min_rank}, alpha={cfg.alpha} instead of cfg"
-            )
-        return cfg
-    if min_rank is None:
-        if alpha is not None:
-            raise ValueError(f"{path}: alpha= was given without min_rank=; pass both (or cfg=TLoRAConfig(...))")
-        return None
-    try:
-        return TLoRAConfig(max_rank, min_rank, 1.0 if alpha is None else alpha, layout=layout)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 def lycoris_config_of(source: Union[str, Path, Mapping[str, Any]], where: str) -> dict[str, Any]:
@@ -407,11 +347,9 @@ def _precision_notes(
     return notes
 
 
-register_format(
-    TLoRAFormat(
-        "lycoris",
-        "LyCORIS/SimpleTuner tlora: lycoris_<module>.{q_layer.weight,p_layer.weight,lambda_layer,alpha}; needs the base model",
-        _is_lycoris_tlora,
-        _convert_lycoris,
-    )
+FORMAT = TLoRAFormat(
+    "lycoris",
+    "LyCORIS/SimpleTuner tlora: lycoris_<module>.{q_layer.weight,p_layer.weight,lambda_layer,alpha}; needs the base model",
+    _is_lycoris_tlora,
+    _convert_lycoris,
 )

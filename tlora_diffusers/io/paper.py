@@ -31,11 +31,11 @@ import torch.nn as nn
 
 from ..config import TLoRAConfig
 from ..ortho import paired_lora_factors
+from .common import NeedsInputError, check_denoiser, default_lora_config, schedule_config
 from .format import TLoRAFileMetadata
-from .load import ConvertedTLoRA, TLoRAFormat, default_lora_config, register_format
-from .lycoris import NeedsInputError, check_denoiser, schedule_config
+from .formats import ConvertedTLoRA, TLoRAFormat
 
-__all__ = ["PAPER_KEY", "PROJECTIONS"]
+__all__ = ["FORMAT", "PAPER_KEY", "PROJECTIONS"]
 
 _VANILLA = ("down.weight", "up.weight")
 _ORTHO = ("q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight", "base_p.weight", "base_lambda")
@@ -171,7 +171,7 @@ def _convert_paper(
     return ConvertedTLoRA(state_dict, default_lora_config(state_dict, lora_rank), meta, "controlgenai", notes)
 
 
-register_format(
+FORMAT = (
     TLoRAFormat(
         "controlgenai",
         "ControlGenAI/T-LoRA (the paper's code) attention processors: <attn>.processor.to_{q,k,v,out}_lora."

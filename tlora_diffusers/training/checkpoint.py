@@ -29,11 +29,20 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
+def _own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Independent contiguous CPU copies (masked weights may be views of one buffer; safetensors refuses those)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
 def save_checkpoint(
     folder: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-    generator: torch.Generator, info: dict[str, Any], keep: int = 2,
+    generator: torch.Generator, info: dict[str, Any], keep: int = 2, grads: bool = False,
 ) -> Path:
-    """Write ``folder/checkpoint-<step>`` atomically and keep the newest ``keep`` checkpoints."""
+    """Write ``folder/checkpoint-<step>`` atomically and keep the newest ``keep`` checkpoints.
+
+    ``grads``: also save the parameters' accumulated gradients (a checkpoint in the middle of
+    a gradient-accumulation cycle), so a resumed run continues the cycle bit for bit.
+    """
     from safetensors.torch import save_file
 
     final = folder / f"checkpoint-{step}"
@@ -41,9 +50,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "params.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()} or {"_empty": torch.zeros(0)},
-              tmp / "optimizer.safetensors")
+    save_file(_own(params), tmp / "params.safetensors")
+    save_file(_own(opt_tensors) or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
+    if grads:
+        pending = {k: p.grad for k, p in params.items() if p.grad is not None}
+        save_file(_own(pending) or {"_empty": torch.zeros(0)}, tmp / "grads.safetensors")
     save_file({"generator": generator.get_state()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, **info}, indent=2))
     if final.exists():
@@ -91,4 +102,10 @@ def load_checkpoint(path: Path, params: dict[str, torch.nn.Parameter], optimizer
         opt_state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
     generator.set_state(load_file(path / "rng.safetensors")["generator"])
+    grads = path / "grads.safetensors"
+    if grads.is_file():
+        saved_grads = load_file(grads)
+        saved_grads.pop("_empty", None)
+        for name, p in params.items():
+            p.grad = saved_grads[name].to(p.device, p.dtype) if name in saved_grads else None
     return state

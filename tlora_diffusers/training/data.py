@@ -7,7 +7,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "load_images"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "load_images", "file_digest"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -29,6 +29,14 @@ def find_images(images: Union[str, Path, Sequence[Union[str, Path]]]) -> list[Pa
     if not files:
         raise ValueError("no instance images given")
     return files
+
+
+def file_digest(path: Union[str, Path]) -> str:
+    """``name:sha256`` of a file: a resumed run must train on the same images, not just the same paths."""
+    import hashlib
+
+    path = Path(path)
+    return f"{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
 
 
 def load_images(files: Sequence[Path], resolution: int) -> torch.Tensor:

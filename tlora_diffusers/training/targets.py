@@ -7,23 +7,20 @@ from typing import Sequence, Union
 
 import torch.nn as nn
 
-__all__ = ["DEFAULT_TARGETS", "resolve_targets", "check_rank"]
+__all__ = ["default_targets", "resolve_targets", "check_rank"]
 
-#: Per-model defaults matching SimpleTuner's LyCORIS T-LoRA presets (attention + feed-forward
-#: blocks: ``Attention``/``FeedForward``; Flux2: ``Flux2Attention``, ``Flux2FeedForward``,
-#: ``Flux2ParallelSelfAttention``), expressed as the Linear layers inside those blocks.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-    "FluxTransformer2DModel": [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-    ],
-    "Flux2Transformer2DModel": [
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-        "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
-        "ff_context.linear_out", "attn.to_qkv_mlp_proj", r"single_transformer_blocks.\d+.attn.to_out",
-    ],
-}
+def default_targets(denoiser: nn.Module) -> list[str]:
+    """The denoiser's model family's default LoRA targets (SimpleTuner's LyCORIS T-LoRA presets:
+    the Linear layers of the attention and feed-forward blocks)."""
+    from ..models import family_of
+
+    family = family_of(denoiser)
+    if not family.default_targets:
+        raise ValueError(
+            f"model family {family.name!r} ({type(denoiser).__name__}) has no default LoRA targets; pass "
+            "target_modules=[...] (module names such as 'to_q', or regexes over full module paths)"
+        )
+    return list(family.default_targets)
 
 
 def resolve_targets(denoiser: nn.Module, targets: Union[str, Sequence[str]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""Single-image (DreamBooth-style) T-LoRA training on accelerate, for SDXL, Flux and Flux2 Klein.
+"""Single-image (DreamBooth-style) T-LoRA training on accelerate, for every family with a recipe.
 
 Training runs the stock pipeline's denoiser under :class:`~tlora_diffusers.TLoRAPatch`, so
 each sample's LoRA ranks are masked by its own timestep (paper Sec. 3.1), and saves a file
@@ -23,15 +23,18 @@ from ..config import TLoRAConfig
 from ..io.format import TLoRAFileMetadata, save_tlora
 from ..ortho import SIG_TYPES
 from ..patch import TLoRAPatch
+from .card import push_to_hub, write_model_card
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import find_images, load_images
-from .models import recipe_for
+from .data import file_digest, find_images, load_images
 from .ortho import add_ortho_tlora, export_ortho_peft, ortho_layers, orthogonality_penalty, remove_ortho_tlora
-from .targets import DEFAULT_TARGETS, check_rank, resolve_targets
+from .recipes import recipe_for
+from .targets import check_rank, default_targets, resolve_targets
 
 __all__ = ["TrainConfig", "TrainResult", "train", "RUN_FILE"]
 
 RUN_FILE = "tlora_train.json"
+#: A pipeline folder needs this file (``DiffusionPipeline.save_pretrained`` writes it).
+MODEL_INDEX = "model_index.json"
 _RUN_MARKERS = (RUN_FILE, "pytorch_lora_weights.safetensors")
 _VANILLA_ADAPTER = "tlora"
 
@@ -73,6 +76,8 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         def need(cond: bool, message: str) -> None:
@@ -95,6 +100,9 @@ class TrainConfig:
              f"ortho_reg must be >= 0, got {self.ortho_reg!r}")
         need(isinstance(self.prompt, str) and self.prompt.strip() != "", "prompt must be a non-empty string, e.g. 'a photo of sks dog'")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        need(self.hub_model_id is None or (isinstance(self.hub_model_id, str) and self.hub_model_id.count("/") == 1),
+             f"hub_model_id must look like 'user/repo', got {self.hub_model_id!r}")
+        need(self.hub_model_id is None or self.push_to_hub, "hub_model_id is only used with push_to_hub=True")
         TLoRAConfig(self.rank, self.min_rank, self.alpha)  # validates rank, min_rank, alpha with named errors
         object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
 
@@ -121,34 +129,50 @@ class TrainResult:
     validation_images: list[Path]
 
 
-def _identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the run it continues."""
-    keys = ("model", "prompt", "resolution", "rank", "min_rank", "alpha", "variant", "sig_type", "ortho_init",
-            "lora_alpha", "target_modules", "batch_size", "seed", "steps", "learning_rate")
+#: Settings that change the trained weights: a resumed run must share every one of them.
+IDENTITY_KEYS = ("model", "images", "prompt", "resolution", "rank", "min_rank", "alpha", "variant", "sig_type",
+                 "ortho_init", "ortho_reg", "lora_alpha", "target_modules", "batch_size",
+                 "gradient_accumulation_steps", "mixed_precision", "max_grad_norm", "seed", "learning_rate")
+
+
+def _identity(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (images by content)."""
     d = cfg.to_dict()
-    return {k: d[k] for k in keys}
+    out = {k: d[k] for k in IDENTITY_KEYS}
+    out["images"] = [file_digest(p) for p in find_images(cfg.images)]
+    out["num_processes"] = world_size
+    return json.loads(json.dumps(out, default=str))
 
 
-def _check_output_dir(cfg: TrainConfig) -> Path:
+def _check_output_dir(cfg: TrainConfig, world_size: int) -> tuple[Path, int]:
+    """The output folder, checked; returns it and the step a resumed run continues from (0: a new run)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
     has_run = out.is_dir() and (any((out / m).exists() for m in _RUN_MARKERS) or latest_checkpoint(out) is not None)
+    done = 0
     if cfg.resume:
         run_file = out / RUN_FILE
         if not run_file.is_file():
-            raise ValueError(f"--resume: {out} holds no run to resume ({RUN_FILE} missing)")
-        previous = json.loads(run_file.read_text())["identity"]
-        ours = json.loads(json.dumps(_identity(cfg)))
-        diff = sorted(k for k in ours if previous.get(k) != ours[k])
+            raise ValueError(f"resume: {out} holds no run to resume ({RUN_FILE} missing)")
+        previous = json.loads(run_file.read_text())
+        ours = _identity(cfg, world_size)
+        diff = sorted(k for k in ours if previous["identity"].get(k) != ours[k])
         if diff:
-            raise ValueError(f"--resume: settings differ from the run in {out}: {', '.join(diff)}")
+            changes = ", ".join(f"{k} (was {previous['identity'].get(k)!r}, now {ours[k]!r})" for k in diff)
+            raise ValueError(f"resume: settings that change the result differ from the run in {out}: {changes}")
+        ckpt = latest_checkpoint(out)
+        done = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+        if done > cfg.steps:
+            raise ValueError(
+                f"resume: the run in {out} already trained {done} steps; pass steps >= {done} to continue it"
+            )
     elif has_run and not cfg.overwrite:
         raise ValueError(
             f"output_dir {out} already holds a training run; pass --resume to continue it or --overwrite to replace it"
         )
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, done
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -171,16 +195,31 @@ def _load_pipeline(cfg: TrainConfig, pipe: Any) -> Any:
     from diffusers import DiffusionPipeline
 
     path = Path(cfg.model)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{path}: not a local diffusers pipeline folder (no model_index.json)")
+    if path.is_file() and path.name == MODEL_INDEX:
+        path = path.parent
+    if not (path / MODEL_INDEX).is_file():
+        what = "no such folder" if not path.exists() else f"not a diffusers pipeline folder (no {MODEL_INDEX} in it)"
+        raise FileNotFoundError(f"model {path}: {what}; pass a local folder written by save_pretrained")
     return DiffusionPipeline.from_pretrained(str(path))
+
+
+def _slice_batch(batch: dict, target: torch.Tensor, keys: Sequence[str], total: int, rank: int,
+                 size: int) -> tuple[dict, torch.Tensor]:
+    """This process's share of a combined batch (every process draws the whole batch from the same RNG)."""
+    if total == size:
+        return batch, target
+    part = slice(rank * size, (rank + 1) * size)
+    return {k: v[part] if k in keys else v for k, v in batch.items()}, target[part]
 
 
 def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
     """Train a T-LoRA on a few instance images and save ``pytorch_lora_weights.safetensors``.
 
     ``pipe``: an already-built pipeline to train on instead of loading ``cfg.model`` (it is
-    left as it was: adapters removed, patch removed).
+    left as it was: adapters removed, patch removed). Under ``accelerate launch`` each
+    process trains on its share of every batch of ``batch_size`` samples per process: the
+    processes together draw exactly the batch one process with ``batch_size * N`` would.
+    The output folder also gets a ``README.md`` model card.
 
     Example:
         >>> result = train(TrainConfig(model="./sdxl", images="./dog", prompt="a photo of sks dog",
@@ -191,12 +230,13 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    out = _check_output_dir(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out, done = _check_output_dir(cfg, world)
     images = load_images(find_images(cfg.images), cfg.resolution)
     pipe = _load_pipeline(cfg, pipe)
     recipe = recipe_for(pipe)
     denoiser = getattr(pipe, recipe.component)
-    targets = resolve_targets(denoiser, cfg.target_modules or DEFAULT_TARGETS[type(denoiser).__name__])
+    targets = resolve_targets(denoiser, cfg.target_modules or default_targets(denoiser))
     check_rank(denoiser, targets, cfg.rank)
     _release_accelerator_state(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
@@ -232,7 +272,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
             cleanup.append(denoiser.disable_gradient_checkpointing)
-        patch = TLoRAPatch(pipe, cfg.tlora_config, adapter_names=[adapter])
+        patch = TLoRAPatch(pipe, {adapter: cfg.tlora_config})
         cleanup.append(patch.remove)
         optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.learning_rate, weight_decay=1e-4)
         model, optimizer = accelerator.prepare(denoiser, optimizer)
@@ -247,14 +287,20 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
                     raise
                 raise ValueError(f"{ckpt}: cannot resume from this checkpoint ({type(e).__name__}: {e})") from None
             start_step = state["step"]
-        _write_json(out / RUN_FILE, {"identity": _identity(cfg), "config": cfg.to_dict(), "status": "running"})
+            accelerator.step = start_step  # where gradient accumulation stands
+        identity = _identity(cfg, accelerator.num_processes)
+        if accelerator.is_main_process:
+            _write_json(out / RUN_FILE, {"identity": identity, "config": cfg.to_dict(), "status": "running"})
 
         ctx: dict[str, Any] = {}
         device = accelerator.device
+        total = cfg.batch_size * accelerator.num_processes
 
         def loss_of(g: torch.Generator, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            picks = torch.randint(0, encoded.shape[0], (cfg.batch_size,), generator=g)
+            picks = torch.randint(0, encoded.shape[0], (total,), generator=g)
             batch, target, _ = recipe.sample(pipe, encoded[picks], g, ctx)
+            batch, target = _slice_batch(batch, target, recipe.batch_keys, total, accelerator.process_index,
+                                         cfg.batch_size)
             kwargs = _move(recipe.forward_kwargs(pipe, cond, batch), device)
             with accelerator.autocast():
                 pred = model(**kwargs, return_dict=False)[0]
@@ -272,15 +318,25 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
             model.train()
             return value
 
+        def checkpoint(step: int) -> None:
+            if accelerator.is_main_process:
+                pending = step % cfg.gradient_accumulation_steps != 0  # mid-accumulation: keep the summed grads
+                save_checkpoint(out, step, params, optimizer, gen,
+                                {"losses": state["losses"], "probe_loss_start": probe_start}, cfg.keep_checkpoints,
+                                grads=pending)
+            accelerator.wait_for_everyone()
+
         validation: list[Path] = []
-        log_file = open(out / "logs.jsonl", "a", encoding="utf-8")
-        cleanup.append(log_file.close)
-        writer = _tensorboard(out)
+        log_file = open(out / "logs.jsonl", "a", encoding="utf-8") if accelerator.is_main_process else None
+        if log_file is not None:
+            cleanup.append(log_file.close)
+        writer = _tensorboard(out) if accelerator.is_main_process else None
         if writer is not None:
             cleanup.append(writer.close)
         probe_start = state.get("probe_loss_start") or probe_loss()
         model.train()
-        bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress, desc="training T-LoRA")
+        bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not accelerator.is_main_process,
+                   desc="training T-LoRA")
         for step in range(start_step, cfg.steps):
             with accelerator.accumulate(model):
                 # Each step in its own context: even a KeyboardInterrupt (which skips the
@@ -295,27 +351,34 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
             state["losses"].append(value)
             bar.set_postfix(loss=f"{value:.4f}")
             bar.update(1)
-            log_file.write(json.dumps({"step": step + 1, "loss": value, "lr": cfg.learning_rate}) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps({"step": step + 1, "loss": value, "lr": cfg.learning_rate}) + "\n")
+                log_file.flush()
             if writer is not None:
                 writer.add_scalar("loss", value, step + 1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                checkpoint(step + 1)
                 if accelerator.is_main_process:
-                    save_checkpoint(out, step + 1, params, optimizer, gen,
-                                    {"losses": state["losses"], "probe_loss_start": probe_start}, cfg.keep_checkpoints)
-                    validation += _validate(pipe, cfg, out, step + 1)
+                    validation += _validate(pipe, cfg, out, step + 1, recipe.component)
         bar.close()
         probe_end = probe_loss()
+        if start_step < cfg.steps:
+            checkpoint(cfg.steps)  # a finished run can be extended: --resume --steps N (N larger)
         if accelerator.is_main_process:
             output_file = _save(out, denoiser, cfg, targets, recipe.component)
-            validation += _validate(pipe, cfg, out, cfg.steps)
-            _write_json(out / RUN_FILE, {
-                "identity": _identity(cfg), "config": cfg.to_dict(), "status": "done", "steps": cfg.steps,
+            validation += _validate(pipe, cfg, out, cfg.steps, recipe.component)
+            summary = {
+                "identity": identity, "config": cfg.to_dict(), "status": "done", "steps": cfg.steps,
                 "losses": state["losses"], "probe_loss_start": probe_start, "probe_loss_end": probe_end,
                 "output_file": str(output_file), "seconds": time.perf_counter() - started,
-            })
+            }
+            _write_json(out / RUN_FILE, summary)
+            write_model_card(out, cfg, type(pipe).__name__, type(denoiser).__name__, validation)
+            if cfg.push_to_hub:
+                push_to_hub(out, cfg.hub_model_id or f"{Path(cfg.output_dir).resolve().name}")
         else:
             output_file = out / "pytorch_lora_weights.safetensors"
+        accelerator.wait_for_everyone()
     finally:
         for undo in reversed(cleanup):
             undo()
@@ -371,13 +434,13 @@ def _save(out: Path, denoiser: torch.nn.Module, cfg: TrainConfig, targets: list[
     return save_tlora(out, state_dict, meta, lora_config)
 
 
-def _validate(pipe: Any, cfg: TrainConfig, out: Path, step: int) -> list[Path]:
+def _validate(pipe: Any, cfg: TrainConfig, out: Path, step: int, component: str) -> list[Path]:
     """Validation images through the stock pipeline, masked by the training patch."""
     if not cfg.validation_prompts:
         return []
     folder = out / "validation"
     folder.mkdir(exist_ok=True)
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    denoiser = getattr(pipe, component)
     was_training = denoiser.training
     denoiser.eval()
     paths = []

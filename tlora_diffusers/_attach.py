@@ -1,0 +1,385 @@
+"""What a patch attaches to one denoiser: two hooks, a slot, the masked layers and their weight groups.
+
+One :class:`Attachment` per denoiser, shared by every :class:`DenoiserPatch` on it (pipelines
+made with ``from_pipe`` share denoisers). Its pre-hook reads the call's own timestep
+through the model family, converts and checks it, builds the masks of the patch whose
+pipeline is running, and fills the denoiser's slot; its post-hook (``always_call``)
+empties the slot, also when ``forward`` raises. Both hooks run eagerly under
+``torch.compile`` (``torch.compiler.disable``); the masked layers themselves are plain
+code that compiles into the graph.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ._calls import OUTPUTS, WEIGHTS, CallMasks, DenoiserSlot, mask_output
+from ._checkpointing import unwrap_checkpointing, wrap_checkpointing
+from ._verify import check_range, verify_first_call
+from .backends import MaskSite, active_adapters, backend_of
+from .backends.peft import WeightGroup, weight_groups
+from .config import TLoRAConfig
+from .models import ModelFamily
+from .schedule import lora_rank_mask
+
+__all__ = ["Attachment", "DenoiserPatch", "RunState", "CURRENT_RUN", "attachment_of", "ATTACHMENT_ATTR"]
+
+#: Where a patched denoiser keeps its attachment: an attribute, not a module-level weak
+#: dictionary (a value pointing back at its key would keep every patched model alive).
+ATTACHMENT_ATTR = "_tlora_attachment"
+_WATCHING: dict[type, type] = {}
+
+
+def _watching_class(cls: type) -> type:
+    """A same-named subclass of a denoiser class whose ``load_lora_adapter`` tells the patch about hotswaps."""
+    sub = _WATCHING.get(cls)
+    if sub is None:
+
+        @functools.wraps(cls.load_lora_adapter)
+        def load_lora_adapter(self, *args: Any, **kwargs: Any) -> Any:
+            result = cls.load_lora_adapter(self, *args, **kwargs)
+            attachment = attachment_of(self)
+            if attachment is not None and kwargs.get("hotswap"):
+                attachment._hotswapped(kwargs.get("adapter_name"), args, kwargs)
+            return result
+
+        sub = type(cls.__name__, (cls,), {"load_lora_adapter": load_lora_adapter, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__, "_tlora_base_class": cls})
+        _WATCHING[cls] = sub
+    return sub
+
+
+@dataclass
+class RunState:
+    """One pipeline run of one patch: which denoisers were checked and how their timesteps look."""
+
+    patch: Any
+    checked: dict = field(default_factory=dict)  # id(DenoiserPatch) -> timesteps uniform across the batch
+
+
+#: The run of the patched pipeline executing in this context, if any (set by the patched ``__call__``).
+CURRENT_RUN: contextvars.ContextVar[Optional[RunState]] = contextvars.ContextVar("tlora_run", default=None)
+
+
+def attachment_of(denoiser: nn.Module) -> Optional["Attachment"]:
+    return denoiser.__dict__.get(ATTACHMENT_ATTR)
+
+
+class DenoiserPatch:
+    """One patch's view of one denoiser: which adapters, with which schedules, and their sites."""
+
+    def __init__(self, owner: Any, denoiser: nn.Module, family: ModelFamily, configs: dict[str, TLoRAConfig],
+                 sites: list[MaskSite], name: str, watch_new_adapters: bool) -> None:
+        self.owner, self.denoiser, self.family, self.name = owner, denoiser, family, name
+        self.configs = dict(configs)
+        self.sites = sites
+        self.ranks = {a: next(s.rank for s in sites if s.adapter == a) for a in self.configs}
+        self.watch_new_adapters = watch_new_adapters
+        self.stale: dict[str, str] = {}  # adapter -> why it can no longer be masked (set by a hotswap)
+        self._fingerprint = self._take_fingerprint()
+
+    # -- masks ------------------------------------------------------------------------------
+    def masks(self, t: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
+        """Each adapter's mask over its LoRA ranks (padding ranks masked) for timesteps ``t``."""
+        out = {}
+        for adapter, cfg in self.configs.items():
+            mask = lora_rank_mask(t, cfg, T)
+            pad = self.ranks[adapter] - mask.shape[-1]
+            out[adapter] = torch.nn.functional.pad(mask, (0, pad)) if pad else mask
+        return out
+
+    # -- staleness, in microseconds ---------------------------------------------------------
+    def _representatives(self) -> list[MaskSite]:
+        reps: dict[str, MaskSite] = {}
+        for site in self.sites:
+            reps.setdefault(site.adapter, site)
+        return list(reps.values())
+
+    def _take_fingerprint(self) -> tuple:
+        peft_config = getattr(self.denoiser, "peft_config", None)
+        return id(peft_config), tuple(id(peft_config.get(a)) if peft_config else 0 for a in self.configs)
+
+    def stale_reason(self) -> Optional[str]:
+        """Why this patch can no longer mask correctly (``None`` while it can): O(adapters), no module walk.
+
+        Catches a LoRA fused, unloaded, reloaded or hotswapped without a schedule since
+        patching, and, when the patch masks every active adapter, an adapter loaded or
+        activated later: each would otherwise run unmasked or by the wrong schedule.
+        """
+        for adapter, reason in self.stale.items():
+            return f"adapter {adapter!r} {reason}"
+        for site in self._representatives():
+            reason = site.stale_reason()
+            if reason:
+                return reason
+            layer = site.peft_layer
+            if layer is not None and self.watch_new_adapters and not getattr(layer, "disable_adapters", False):
+                extra = [a for a in layer.active_adapters if a not in self.configs]
+                if extra:
+                    return (f"adapter(s) {extra} became active after patching and would run unmasked (remove() "
+                            "this patch and patch again, or pass adapter_names=[...] to choose what is masked)")
+        if self._take_fingerprint() != self._fingerprint:
+            return "a masked adapter was deleted or loaded again since patching; remove() this patch and patch again"
+        return None
+
+    def check(self) -> None:
+        reason = self.stale_reason()
+        if reason:
+            raise RuntimeError(f"T-LoRA patch of {self.name} can no longer mask: {reason}")
+
+    def adopt(self, adapter: str, cfg: Optional[TLoRAConfig], reason: str) -> None:
+        """A hotswap replaced ``adapter``'s weights: mask them by ``cfg`` from now on (``None``: stale)."""
+        if cfg is None:
+            self.stale[adapter] = reason
+            return
+        self.configs[adapter] = cfg
+        self.stale.pop(adapter, None)
+
+
+class Attachment:
+    """The hooks, slot, masked layers and weight groups of one denoiser."""
+
+    def __init__(self, denoiser: nn.Module, family: ModelFamily, name: str) -> None:
+        self.denoiser, self.family, self.name = denoiser, family, name
+        self.slot = DenoiserSlot(name)
+        self.parts: list[DenoiserPatch] = []
+        self._installed: dict[int, tuple[MaskSite, int]] = {}
+        self._hooked: dict[int, Any] = {}  # sites behind an instance-level forward (accelerate hooks)
+        self.groups: list[WeightGroup] = []
+        self.checkpointable = [m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")]
+        self._lock = threading.Lock()
+        self.handles = [
+            denoiser.register_forward_pre_hook(torch.compiler.disable(self._pre), with_kwargs=True),
+            denoiser.register_forward_hook(torch.compiler.disable(self._post), always_call=True),
+        ]
+        self._base_class: Optional[type] = None
+        self._watch_loader()
+        denoiser.__dict__[ATTACHMENT_ATTR] = self
+
+    # -- parts ------------------------------------------------------------------------------
+    def add(self, part: DenoiserPatch) -> None:
+        with self._lock:
+            try:
+                for site in part.sites:
+                    self._install(site, part)
+            except BaseException:
+                for site in part.sites:
+                    self._uninstall(site)
+                raise
+            self.parts.append(part)
+            self._regroup()
+
+    def discard(self, part: DenoiserPatch) -> bool:
+        """Remove ``part``; returns whether the attachment is now empty (and detached)."""
+        with self._lock:
+            self.parts = [p for p in self.parts if p is not part]
+            for site in part.sites:
+                self._uninstall(site)
+            self._regroup()
+            if self.parts:
+                return False
+            self._detach()
+            return True
+
+    def _install(self, site: MaskSite, part: DenoiserPatch) -> None:
+        key = id(site.module)
+        if key in self._installed:
+            known, count = self._installed[key]
+            self._installed[key] = (known, count + 1)
+            return
+        tokenwise = bool(part.family.token_layers and site.path and part.family.token_layers(site.path))
+        backend_of(site).install(site, self.slot, tokenwise)
+        if "forward" in site.module.__dict__:
+            # accelerate's offload hooks replace forward on the instance and call the forward bound
+            # when they were added, so the masked class's forward would be bypassed: a PyTorch hook
+            # (run by Module.__call__ whatever forward is) applies the mask there instead.
+            self._hooked[key] = site.module.register_forward_hook(_hooked_mask)
+        self._installed[key] = (site, 1)
+
+    def _uninstall(self, site: MaskSite) -> None:
+        key = id(site.module)
+        if key not in self._installed:
+            return
+        known, count = self._installed[key]
+        if count > 1:
+            self._installed[key] = (known, count - 1)
+            return
+        del self._installed[key]
+        handle = self._hooked.pop(key, None)
+        if handle is not None:
+            handle.remove()
+        backend_of(known).uninstall(known)
+
+    def _regroup(self) -> None:
+        for group in self.groups:
+            group.unbind()
+        sites = [s for s, _ in self._installed.values()]
+        self.groups = [] if self._hooked else weight_groups(sites)
+        self._weights_ok = bool(sites) and not self._hooked and all(s.groupable for s in sites)
+
+    def _detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        unwrap_checkpointing(self.denoiser)
+        if self._base_class is not None and type(self.denoiser) is _WATCHING.get(self._base_class):
+            self.denoiser.__class__ = self._base_class
+        self.denoiser.__dict__.pop(ATTACHMENT_ATTR, None)
+
+    # -- hotswap ----------------------------------------------------------------------------
+    def _watch_loader(self) -> None:
+        """See every ``load_lora_adapter(..., hotswap=True)`` (also through ``pipe.load_lora_weights``).
+
+        A hotswap copies new weights into an adapter in place and never updates its
+        ``peft_config``; the denoiser's class is swapped for a same-named subclass whose
+        ``load_lora_adapter`` reads the new file's T-LoRA config from the metadata it carries.
+        """
+        cls = type(self.denoiser)
+        if getattr(cls, "load_lora_adapter", None) is None:
+            return
+        self._base_class = cls
+        self.denoiser.__class__ = _watching_class(cls)
+
+    def _hotswapped(self, adapter: Optional[str], args: tuple, kwargs: dict) -> None:
+        from .io.format import config_after_hotswap
+
+        parts = [p for p in self.parts if adapter in p.configs]
+        if not parts:
+            return
+        cfg, marker = config_after_hotswap(args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict"),
+                                           kwargs.get("metadata"), kwargs.get("prefix", "transformer"))
+        peft_config = (getattr(self.denoiser, "peft_config", None) or {}).get(adapter)
+        if peft_config is not None:
+            peft_config.base_model_name_or_path = marker
+        for part in parts:
+            part.adopt(adapter, cfg, "was hotswapped with a file that carries no T-LoRA config, so its schedule is "
+                       "unknown (pass the schedule with TLoRAPatch(pipe, {adapter: TLoRAConfig(...)}))")
+            if cfg is not None and cfg.lora_rank > part.ranks[adapter]:
+                part.stale[adapter] = (f"was hotswapped with a rank-{cfg.lora_rank} file, larger than the "
+                                       f"{part.ranks[adapter]} ranks its layers hold")
+        with self._lock:
+            self._regroup()  # weights may have been replaced (a larger rank), bind again at the next call
+
+    # -- per call ---------------------------------------------------------------------------
+    def _resolve(self) -> DenoiserPatch:
+        run = CURRENT_RUN.get()
+        if run is not None:
+            for part in self.parts:
+                if part.owner is run.patch:
+                    return part
+        if len(self.parts) == 1:
+            return self.parts[0]
+        raise RuntimeError(
+            f"{type(self.denoiser).__name__} carries {len(self.parts)} T-LoRA patches (pipelines sharing it); "
+            "call it through one of the patched pipelines so the call knows whose config applies"
+        )
+
+    def _weights_allowed(self) -> bool:
+        """The shared-timestep fast mode needs weights that stay where they are during the call."""
+        if not self._weights_ok or "_hf_hook" in self.denoiser.__dict__:
+            return False
+        registry = self.denoiser.__dict__.get("_diffusers_hook")
+        if registry is not None and any("offload" in name for name in getattr(registry, "hooks", {})):
+            return False
+        for group in self.groups:
+            first = group.modules[0]
+            if "_hf_hook" in first.__dict__ or first.weight.is_meta:
+                return False
+        return True
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None  # a copy of a patched denoiser is an unpatched one (its hooks see it is not theirs)
+
+    def __reduce__(self):
+        return (type(None), ())
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if module is not self.denoiser:  # a deep copy of the patched denoiser carries these hooks
+            return
+        part = self._resolve()
+        run = CURRENT_RUN.get()
+        if run is None or run.patch is not part.owner:
+            part.check()  # a bare call: nothing checked it at a pipeline call's start
+        family = part.family
+        raw = family.raw_timestep(module, args, kwargs)
+        T = part.owner.num_train_timesteps
+        t = family.convention(raw, module, T)
+        if t.ndim > 2 or t.numel() == 0:
+            raise ValueError(
+                f"{self.name} received a timestep of shape {tuple(t.shape)}: expected 0-d, (batch,) or, for "
+                "per-token timesteps, (batch, tokens)"
+            )
+        t = check_range(t, raw, T, self.name, family.convention.description)
+        uniform = None
+        if run is not None and run.patch is part.owner:
+            uniform = run.checked.get(id(part))
+            if uniform is None:
+                uniform = verify_first_call(part.owner.pipeline, t, raw, T, self.name, family)
+                run.checked[id(part)] = uniform
+        grad = torch.is_grad_enabled()
+        weights = not grad and t.ndim < 2 and self._shared(t, raw, uniform) and self._weights_allowed()
+        if weights:
+            masks = part.masks(t.reshape(-1)[0], T)
+            call = None
+        elif t.ndim == 2:  # one timestep per token
+            sample = part.masks(t.amax(dim=1), T)
+            call = CallMasks(sample, part.masks(t, T), self.name)
+        else:
+            call = CallMasks(part.masks(t, T), None, self.name)
+        slot = self.slot
+        slot.acquire()
+        try:
+            if weights:
+                for group in self.groups:
+                    if not group.valid():
+                        group.bind()
+                    group.apply(masks.get(group.adapter))
+                slot.mode = WEIGHTS
+            else:
+                if grad:
+                    wrap_checkpointing(self.checkpointable, slot)
+                slot.call, slot.mode = call, OUTPUTS
+        except BaseException:
+            slot.release()
+            raise
+
+    @staticmethod
+    def _shared(t: torch.Tensor, raw: Any, uniform: Optional[bool]) -> bool:
+        """One timestep for the whole batch, known without a device→host read where possible."""
+        if t.numel() == 1:
+            return True
+        if uniform is not None:  # a pipeline run: checked at its first call, the loop passes t.expand(B)
+            return uniform
+        if t.device.type == "cpu":
+            return bool((t == t.reshape(-1)[0]).all())
+        return isinstance(raw, torch.Tensor) and raw.ndim == 1 and raw.stride() == (0,)
+
+    def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if module is self.denoiser:
+            self.slot.release()
+
+
+def _hooked_mask(module: nn.Module, args: tuple, output: Any) -> Any:
+    slot = module._tlora_slot
+    if slot.mode is None:
+        return None
+    if slot.mode is WEIGHTS:  # never chosen while a site is hooked; kept exact anyway
+        raise RuntimeError(f"{module._tlora_name}: a hooked T-LoRA layer cannot run in weights mode")
+    return mask_output(module, output)
+
+
+def warn_video(family: ModelFamily) -> None:
+    if family.video:
+        warnings.warn(
+            f"{family.name}: T-LoRA masks on temporally compressed video latents are experimental (as SimpleTuner's "
+            "documentation says): each latent frame mixes several video frames",
+            UserWarning, stacklevel=3,
+        )

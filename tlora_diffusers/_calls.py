@@ -1,0 +1,148 @@
+"""The per-denoiser slot that masked layers read, and the masks of one denoiser call.
+
+A patched denoiser owns one :class:`DenoiserSlot`. Its pre-hook fills the slot for the
+call and its post-hook empties it; every masked layer reads the slot in its own
+``forward`` (no hook per layer). Two modes:
+
+* ``WEIGHTS`` (inference with one timestep for the batch): each layer multiplies by its
+  ``lora_A`` weight *pre-masked for this call* (one multiply per group of equally shaped
+  layers, done by the pre-hook), so the per-call host work does not grow with depth;
+* ``OUTPUTS`` (per-sample or per-token timesteps, training): each layer multiplies its
+  ``lora_A`` output by the call's mask, so masked ranks get exactly zero gradient.
+
+Calls of one denoiser are serialised by the slot's lock, so threads and pipelines that
+share a denoiser each run with their own mask (diffusers runs one denoiser call at a
+time per device anyway).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["WEIGHTS", "OUTPUTS", "DenoiserSlot", "CallMasks", "broadcast_mask", "mask_output"]
+
+WEIGHTS = "weights"
+OUTPUTS = "outputs"
+
+
+class CallMasks:
+    """Masks of one denoiser call, per adapter, in LoRA-rank space.
+
+    ``masks[adapter]`` is ``(R,)`` for a timestep shared by the batch or ``(B, R)`` per
+    sample (for per-token calls: each sample's largest timestep). ``token_masks[adapter]``
+    is ``(B, seq, R)`` for per-token calls.
+    """
+
+    __slots__ = ("masks", "token_masks", "batch", "seq", "where", "_views")
+
+    def __init__(self, masks: dict[str, torch.Tensor], token_masks: Optional[dict[str, torch.Tensor]] = None,
+                 where: str = "denoiser") -> None:
+        self.masks = masks
+        self.token_masks = token_masks
+        some = next(iter(masks.values()))
+        self.batch = some.shape[0] if some.ndim == 2 and some.shape[0] != 1 else None
+        self.seq = next(iter(token_masks.values())).shape[1] if token_masks else None
+        self.where = where
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    def view_for(self, module: Any, output: torch.Tensor) -> torch.Tensor:
+        """The mask for ``module``'s output: on its device and dtype, broadcastable along its rank dim."""
+        adapter, rank_dim, tokenwise = module._tlora_adapter, module._tlora_rank_dim, module._tlora_tokenwise
+        tokenwise = tokenwise and self.token_masks is not None
+        key = (adapter, output.device, output.dtype, output.ndim, rank_dim, tokenwise)
+        view = self._views.get(key)
+        if view is None:
+            view = self._make_view(module, output, adapter, rank_dim, tokenwise)
+            self._views[key] = view
+        if self.batch is not None and output.shape[0] != self.batch:
+            raise ValueError(
+                f"T-LoRA layer {module._tlora_name} received a batch of {output.shape[0]} but the {self.where} call "
+                f"has {self.batch} per-sample timesteps; pass one timestep per sample or a single timestep"
+            )
+        if tokenwise and output.shape[1] != self.seq:
+            raise ValueError(
+                f"T-LoRA layer {module._tlora_name} is a token layer of its model family but its output has "
+                f"{output.shape[1]} rows where the {self.where} call has {self.seq} per-token timesteps"
+            )
+        return view
+
+    def _make_view(self, module: Any, output: torch.Tensor, adapter: str, rank_dim: int, tokenwise: bool):
+        mask = (self.token_masks if tokenwise else self.masks)[adapter]
+        if output.shape[rank_dim] != mask.shape[-1]:
+            raise ValueError(
+                f"T-LoRA layer {module._tlora_name} has rank {output.shape[rank_dim]} but its mask has "
+                f"{mask.shape[-1]} ranks"
+            )
+        if mask.ndim >= 2 and output.ndim < 2:
+            raise ValueError(f"T-LoRA layer {module._tlora_name} got an unbatched input with per-sample timesteps")
+        if tokenwise:
+            if output.ndim != 3 or rank_dim % output.ndim != 2:
+                raise ValueError(
+                    f"T-LoRA layer {module._tlora_name}: per-token masks need (batch, tokens, rank) outputs, got "
+                    f"shape {tuple(output.shape)}"
+                )
+            return mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
+        return broadcast_mask(mask, output, rank_dim)
+
+
+def broadcast_mask(mask: torch.Tensor, output: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """``mask`` (R,) or (B, R) on ``output``'s device/dtype, shaped to multiply ``output`` along ``rank_dim``."""
+    mask = mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
+    shape = [1] * output.ndim
+    shape[rank_dim] = mask.shape[-1]
+    if mask.ndim == 2:  # batch first
+        shape[0] = mask.shape[0]
+        return mask.reshape(shape)
+    return mask.reshape(shape[rank_dim % output.ndim:])
+
+
+def mask_output(module: Any, out: torch.Tensor) -> torch.Tensor:
+    """``out`` times the current call's mask for ``module`` (a masked layer in ``OUTPUTS`` mode)."""
+    call = module._tlora_slot.call
+    if torch.compiler.is_compiling():  # no caching inside a traced graph
+        return out * broadcast_mask(call.masks[module._tlora_adapter], out, module._tlora_rank_dim)
+    view = call.view_for(module, out)
+    # In place at inference (no new activation tensor); out of place when autograd records it.
+    return out * view if out.requires_grad else out.mul_(view)
+
+
+class DenoiserSlot:
+    """What the masked layers of one denoiser read during a call (``mode``, ``call``).
+
+    Not process-global: one per denoiser. ``enter``/``exit`` bracket a call under the
+    slot's lock; a thread that re-enters while it still holds the lock (its previous
+    call was interrupted by ``KeyboardInterrupt``, which skips PyTorch's always-call
+    hooks) takes the slot over instead of deadlocking.
+    """
+
+    __slots__ = ("mode", "call", "name", "_lock", "_owner", "__weakref__")
+
+    def __init__(self, name: str) -> None:
+        self.mode: Optional[str] = None
+        self.call: Optional[CallMasks] = None
+        self.name = name
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+
+    def acquire(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:  # a previous call of this thread never reached its post-hook
+            self.mode = self.call = None
+            return
+        self._lock.acquire()
+        self._owner = me
+
+    def release(self) -> None:
+        self.mode = self.call = None
+        if self._owner == threading.get_ident():
+            self._owner = None
+            self._lock.release()
+
+    def __deepcopy__(self, memo: dict) -> "DenoiserSlot":
+        return DenoiserSlot(self.name)
+
+    def __reduce__(self):
+        return (DenoiserSlot, (self.name,))
