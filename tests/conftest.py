@@ -115,16 +115,17 @@ class ReferenceMasks:
     that zero the ranks above r(t) of the loop timestep (the paper's formula, written out here).
 
     ``configs``: adapter -> (max_rank, min_rank, alpha, lora_ranks_per_schedule_rank), on ``attrs``.
-    ``token_t``: for per-token pipelines, a function (raw timestep) -> per-token scheduler units.
+    ``per_token``: the pipeline passes (B, tokens) timesteps in scheduler units; a layer whose output
+    is (B, tokens, r) is masked token by token, every other layer by the loop's timestep.
     """
 
-    def __init__(self, pipe, configs, attrs=None, token_layers=None, timestep_arg="timestep"):
+    def __init__(self, pipe, configs, attrs=None, per_token=False, timestep_arg="timestep"):
         self.pipe, self.configs = pipe, configs
         self.attrs = attrs or [a for a in ("unet", "transformer", "transformer_2", "controlnet")
                                if isinstance(getattr(pipe, a, None), torch.nn.Module)]
-        self.token_layers, self.timestep_arg = token_layers, timestep_arg
+        self.per_token, self.timestep_arg = per_token, timestep_arg
         self.handles, self.state = [], {}
-        self.ranks_seen = []
+        self.ranks_seen, self.times = [], []
 
     def __enter__(self):
         T = self.pipe.scheduler.config.num_train_timesteps
@@ -133,6 +134,7 @@ class ReferenceMasks:
 
             def pre(module, args, kwargs):
                 self.state["t"] = loop_timestep(self.pipe)
+                self.times.append(self.state["t"])
                 raw = kwargs.get(self.timestep_arg)
                 self.state["raw"] = raw
                 self.ranks_seen.append({a: reference_rank(self.state["t"], *c[:3], T=T) for a, c in self.configs.items()})
@@ -142,10 +144,11 @@ class ReferenceMasks:
                 for adapter, (max_rank, min_rank, alpha, per) in self.configs.items():
                     if not name.endswith(f"lora_A.{adapter}"):
                         continue
-                    tokenwise = self.token_layers is not None and self.token_layers(name.rsplit(".lora_A.", 1)[0])
-
-                    def hook(m, args, out, c=(max_rank, min_rank, alpha, per), tokenwise=tokenwise):
+                    def hook(m, args, out, c=(max_rank, min_rank, alpha, per)):
                         dim = -1 if isinstance(m, torch.nn.Linear) else 1
+                        raw = self.state.get("raw")
+                        tokenwise = (self.per_token and isinstance(raw, torch.Tensor) and raw.ndim == 2
+                                     and out.ndim == 3 and tuple(out.shape[:2]) == tuple(raw.shape))
                         if tokenwise:
                             t_tok = torch.as_tensor(self.state["raw"]).double()  # (B, seq), scheduler units
                             r = torch.tensor([[reference_rank(float(v), *c[:3], T=T) for v in row] for row in t_tok])

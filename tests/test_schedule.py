@@ -71,7 +71,7 @@ def test_num_train_timesteps():
         (float("nan"), ValueError, "must be finite"),
         (torch.tensor([1.0, float("nan")]), ValueError, "must be finite"),
         (torch.tensor(float("inf")), ValueError, "must be finite"),
-        (torch.tensor([[1.0]]), ValueError, "must be 0-d or 1-d (one per sample), got shape (1, 1)"),
+        (torch.tensor([[[1.0]]]), ValueError, "must be 0-d, 1-d (one per sample) or 2-d (one per sample and token), got shape (1, 1, 1)"),
         (torch.tensor([]), ValueError, "must not be empty"),
         (torch.tensor([True]), TypeError, "real dtype"),
         (True, TypeError, "got bool"),

@@ -16,7 +16,7 @@ Timesteps = Union[int, float, torch.Tensor]
 
 
 def as_timesteps(timesteps: Timesteps, *, name: str = "timesteps") -> torch.Tensor:
-    """Validate and convert timesteps to a 0-d or 1-d real tensor.
+    """Validate and convert timesteps to a 0-d, 1-d (per sample) or 2-d (per sample and token) real tensor.
 
     Python numbers become CPU tensors. Shape, dtype and emptiness are checked on the
     host (metadata only); finiteness is checked without a device-to-host sync: on the
@@ -35,8 +35,10 @@ def as_timesteps(timesteps: Timesteps, *, name: str = "timesteps") -> torch.Tens
     t = timesteps
     if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must have a real dtype (int or float), got {t.dtype}")
-    if t.ndim > 1:
-        raise ValueError(f"{name} must be 0-d or 1-d (one per sample), got shape {tuple(t.shape)}")
+    if t.ndim > 2:
+        raise ValueError(
+            f"{name} must be 0-d, 1-d (one per sample) or 2-d (one per sample and token), got shape {tuple(t.shape)}"
+        )
     if t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if t.is_floating_point():

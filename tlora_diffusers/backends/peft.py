@@ -215,10 +215,12 @@ class WeightGroup:
     @torch.no_grad()
     def bind(self) -> None:
         params = [m.weight for m in self.modules]
-        self.storage = torch.stack([p.detach() for p in params])
+        self.storage = _aligned_like(params)
+        self.storage.copy_(torch.stack([p.detach() for p in params]))
         for param, view in zip(params, self.storage):
             param.data = view
-        self.masked = self.storage.clone()
+        self.masked = _aligned_like(params)
+        self.masked.copy_(self.storage)
         for module, view in zip(self.modules, self.masked):
             module.__dict__["_tlora_masked"] = view
         self._ptrs = (params[0].data_ptr(), params[-1].data_ptr())
@@ -249,6 +251,21 @@ class WeightGroup:
         shape[1] = mask.shape[-1]
         torch.mul(self.storage, mask.to(device=self.storage.device, dtype=self.storage.dtype, non_blocking=True)
                   .reshape(shape), out=self.masked)
+
+
+#: Each weight in a group buffer starts on a 64-byte boundary, as a freshly allocated tensor does:
+#: CPU GEMM kernels pick their SIMD path by alignment, so an unaligned view would round differently.
+_ALIGN_BYTES = 64
+
+
+def _aligned_like(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """An ``(n, *shape)`` buffer whose ``n`` slices each start 64-byte aligned (rows padded, padding unused)."""
+    first = params[0]
+    numel = first.numel()
+    per = max(1, _ALIGN_BYTES // first.element_size())
+    padded = -(-numel // per) * per
+    flat = torch.empty(len(params), padded, dtype=first.dtype, device=first.device)
+    return flat[:, :numel].view(len(params), *first.shape)
 
 
 def weight_groups(sites: Sequence[MaskSite]) -> list[WeightGroup]:
