@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-__all__ = ["rank_schedule_figure", "save_figure", "figure_to_image", "image_grid"]
+__all__ = ["rank_schedule_figure", "save_figure", "figure_to_image", "image_grid", "labelled_grid"]
 
 
 def _figure_class() -> type:
@@ -68,7 +68,7 @@ def rank_schedule_figure(
         if steps is not None and steps.numel():
             ax.plot(steps.numpy(), active_rank(steps, cfg, T).numpy(), "o", ms=4, color=line.get_color())
     if steps is not None and steps.numel():
-        ax.plot([], [], "o", ms=4, color="0.4", label=f"{sampling_label} ({steps.numel()})")
+        ax.plot([], [], "o", ms=4, color="0.4", label=sampling_label)
     ax.set_xlim(0, T)
     ax.set_ylim(0, max(c.max_rank for c in configs) * 1.05)
     ax.set_xlabel(f"timestep t (scheduler units; T = {T} is pure noise)")
@@ -84,8 +84,13 @@ def rank_schedule_figure(
 
 
 def save_figure(fig: "Figure", path: Union[str, Path]) -> Path:
-    """Write a figure (format from the suffix: .png, .svg, .pdf)."""
+    """Write a figure; the format comes from the suffix (.png, .svg, .pdf), ``.png`` is added when there is none.
+
+    Returns the path actually written.
+    """
     path = Path(path)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
     fig.savefig(path)
     return path
 
@@ -100,22 +105,38 @@ def figure_to_image(fig: "Figure") -> "Image.Image":
     return Image.open(buffer).convert("RGB")
 
 
+def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels (a word longer than that gets a line of its own)."""
+    lines: list[str] = []
+    for paragraph in str(text).split("\n"):
+        line = ""
+        for word in paragraph.split():
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
 def image_grid(
     images: Sequence["Image.Image"],
     labels: Optional[Sequence[str]] = None,
     *,
     cols: Optional[int] = None,
     pad: int = 4,
+    min_cell: int = 128,
 ) -> "Image.Image":
-    """Images in a grid, row-major, each with its label in a strip above it.
+    """Images in a grid, row-major, each with its label (wrapped to the cell) in a strip above it.
 
-    Cells are the size of the largest image; smaller ones are centred.
+    Cells are the size of the largest image, upscaled (nearest neighbour, whole factors) to at
+    least ``min_cell`` pixels wide so that labels fit and small images stay visible.
 
     Example:
         >>> grid = image_grid(masked + unmasked, ["masked"] * 2 + ["unmasked"] * 2, cols=2)
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     images = list(images)
     if not images:
         raise ValueError("image_grid needs at least one image")
@@ -124,18 +145,70 @@ def image_grid(
     cols = cols or len(images)
     if cols < 1:
         raise ValueError(f"cols must be >= 1, got {cols}")
-    rows = -(-len(images) // cols)
-    width = max(im.width for im in images)
-    height = max(im.height for im in images)
-    size = max(10, min(24, width // 16))
+    rows = [images[i:i + cols] for i in range(0, len(images), cols)]
+    cell_labels = None if labels is None else [list(labels[i:i + cols]) for i in range(0, len(images), cols)]
+    return labelled_grid(rows, cell_labels=cell_labels, pad=pad, min_cell=min_cell)
+
+
+def labelled_grid(
+    rows: Sequence[Sequence["Image.Image"]],
+    *,
+    row_labels: Optional[Sequence[str]] = None,
+    col_labels: Optional[Sequence[str]] = None,
+    cell_labels: Optional[Sequence[Sequence[str]]] = None,
+    pad: int = 6,
+    min_cell: int = 128,
+    title: Optional[str] = None,
+) -> "Image.Image":
+    """A table of images: optional column headers (e.g. prompts), row labels (e.g. methods) on the left
+    and a label above each cell; all text wrapped to fit, never cut."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = [list(r) for r in rows]
+    cols = max(len(r) for r in rows)
+    natural = max(im.width for r in rows for im in r)
+    factor = max(1, -(-min_cell // natural))
+    cell_w = natural * factor
+    cell_h = max(im.height for r in rows for im in r) * factor
+    size = max(11, min(18, cell_w // 10))
     font = ImageFont.load_default(size=size)
-    strip = 0 if labels is None else int(size * 1.5) + pad
-    grid = Image.new("RGB", (cols * (width + pad) + pad, rows * (height + strip + pad) + pad), "white")
+    line_h = int(size * 1.3)
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def height(texts: Sequence[str], width: int) -> int:
+        return max((len(_wrap(scratch, t, font, width)) for t in texts), default=0) * line_h
+
+    label_w = 0 if not row_labels else min(2 * cell_w, max(int(scratch.textlength(w, font=font))
+                                                            for t in row_labels for w in str(t).split()) + 2 * pad)
+    label_w = max(label_w, cell_w) if row_labels else 0
+    title_h = height([title], cols * (cell_w + pad) + label_w) + pad if title else 0
+    header_h = height(col_labels, cell_w) + pad if col_labels else 0
+    strip_h = [height(c, cell_w) + (pad if any(c) else 0) for c in cell_labels] if cell_labels else [0] * len(rows)
+    width = label_w + cols * (cell_w + pad) + pad
+    total_h = title_h + header_h + sum(cell_h + s + pad for s in strip_h) + pad
+    grid = Image.new("RGB", (width, total_h), "white")
     draw = ImageDraw.Draw(grid)
-    for i, im in enumerate(images):
-        x = pad + (i % cols) * (width + pad)
-        y = pad + (i // cols) * (height + strip + pad)
-        if labels is not None:
-            draw.text((x, y), str(labels[i]), fill="black", font=font)
-        grid.paste(im.convert("RGB"), (x + (width - im.width) // 2, y + strip + (height - im.height) // 2))
+
+    def text(x: int, y: int, value: str, w: int) -> None:
+        for i, line in enumerate(_wrap(draw, value, font, w)):
+            draw.text((x, y + i * line_h), line, fill="black", font=font)
+
+    y = pad
+    if title:
+        text(pad, y, title, width - 2 * pad)
+        y += title_h
+    if col_labels:
+        for j, label in enumerate(col_labels):
+            text(label_w + pad + j * (cell_w + pad), y, label, cell_w)
+        y += header_h
+    for i, row in enumerate(rows):
+        if row_labels:
+            text(pad, y + strip_h[i] + cell_h // 3, row_labels[i], label_w - 2 * pad)
+        for j, im in enumerate(row):
+            x = label_w + pad + j * (cell_w + pad)
+            if cell_labels and j < len(cell_labels[i]):
+                text(x, y, cell_labels[i][j], cell_w)
+            big = im.convert("RGB").resize((im.width * factor, im.height * factor), Image.NEAREST)
+            grid.paste(big, (x + (cell_w - big.width) // 2, y + strip_h[i] + (cell_h - big.height) // 2))
+        y += cell_h + strip_h[i] + pad
     return grid

@@ -1,4 +1,8 @@
-"""Pieces the commands share: the user-error type, argument types, model loading, config overrides."""
+"""Pieces the commands share: the user-error type, argument types, quiet libraries, models and LoRA files.
+
+Messages here speak the command line's vocabulary (``--model``, ``--min-rank``), not the
+library's (``denoiser=``, ``cfg=``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import contextlib
 import dataclasses
 import importlib
 import json
-import tempfile
+import logging
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -21,19 +26,19 @@ __all__ = [
     "non_negative_int",
     "add_schedule_overrides",
     "schedule_overrides",
-    "overridden_config",
     "model_dir",
     "load_pipeline",
     "load_denoiser",
+    "read_lora",
     "load_lora",
     "resolve_device",
     "resolve_dtype",
     "quiet_libraries",
-    "io_function",
+    "DTYPES",
 ]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_DENOISERS = ("unet", "transformer")
+MODEL_INDEX = "model_index.json"
 
 
 class CLIError(ValueError):
@@ -63,35 +68,88 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+# -- quiet by default -----------------------------------------------------------------------------
+
+#: Third-party messages that say nothing to a user of this command line (shown with --verbose).
+_NOISE = (
+    r".*requires torchvision",  # transformers' image processors, on import
+    r".*No LoRA keys associated to",  # diffusers, when a LoRA file has no text-encoder part
+    r".*should be kept in float32",  # diffusers, on a dtype cast
+)
+
+
+class _Once(logging.Filter):
+    """Let each distinct message through once (diffusers repeats per component)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Hide diffusers'/transformers' info logs, loading bars and known noise; warnings appear once.
+
+    ``--verbose`` keeps everything.
+    """
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as tlog
+
+    saved_t = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()  # before diffusers imports transformers' image processors
+    tlog.disable_progress_bar()
+    from diffusers.utils import logging as dlog
+
+    saved_d = dlog.get_verbosity(), dlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    once = _Once()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "accelerate", "peft")]
+    for logger in loggers:
+        logger.addFilter(once)
+    with warnings.catch_warnings():
+        warnings.simplefilter("once")  # first, so the ignore filters below take precedence
+        for pattern in _NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(once)
+            dlog.set_verbosity(saved_d[0])
+            tlog.set_verbosity(saved_t[0])
+            (dlog.enable_progress_bar if saved_d[1] else dlog.disable_progress_bar)()
+            (tlog.enable_progress_bar if saved_t[1] else tlog.disable_progress_bar)()
+
+
 # -- T-LoRA schedule options ------------------------------------------------------------------
 
 
 def add_schedule_overrides(parser: argparse.ArgumentParser, title: str, description: str) -> None:
     group = parser.add_argument_group(title, description)
-    group.add_argument("--max-rank", type=int, metavar="R", help="the LoRA's rank (TLoRAConfig.max_rank)")
-    group.add_argument("--min-rank", type=int, metavar="M", help="ranks active at t = T (TLoRAConfig.min_rank)")
-    group.add_argument("--alpha", type=float, metavar="A", help="schedule exponent (TLoRAConfig.alpha)")
+    group.add_argument("--max-rank", type=positive_int, metavar="R",
+                       help="the LoRA's rank, TLoRAConfig.max_rank (default: the file's)")
+    group.add_argument("--min-rank", type=non_negative_int, metavar="M",
+                       help="ranks active at t = T, TLoRAConfig.min_rank (default: the file's, else 1)")
+    group.add_argument("--alpha", type=float, metavar="A",
+                       help="schedule exponent, TLoRAConfig.alpha (default: the file's, else 1.0)")
+    group.add_argument("--lycoris-config", metavar="FILE",
+                       help="SimpleTuner's lycoris_config.json, for a LyCORIS file without its header (default: none)")
 
 
 def schedule_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--max-rank/--min-rank/--alpha`` the user gave, as ``TLoRAConfig`` fields."""
     fields = {"max_rank": args.max_rank, "min_rank": args.min_rank, "alpha": args.alpha}
     return {k: v for k, v in fields.items() if v is not None}
-
-
-def overridden_config(base: Optional[TLoRAConfig], overrides: dict[str, Any]) -> Optional[TLoRAConfig]:
-    """``base`` with the overrides applied; without a base, ``--max-rank`` is needed (others default)."""
-    if not overrides:
-        return base
-    if base is None and "max_rank" not in overrides:
-        raise CLIError(
-            "--min-rank/--alpha need --max-rank here (the file has no T-LoRA config to fill it from); "
-            "pass --max-rank with the LoRA's rank"
-        )
-    try:
-        return dataclasses.replace(base, **overrides) if base is not None else TLoRAConfig(**overrides)
-    except ValueError as e:
-        raise CLIError(f"invalid --max-rank/--min-rank/--alpha: {e}") from None
 
 
 # -- devices, models, LoRA files --------------------------------------------------------------
@@ -119,129 +177,122 @@ def resolve_device(name: str, default: Optional[torch.device] = None) -> torch.d
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: float32 on the CPU, bfloat16 on CUDA where supported, else float16."""
     if name != "auto":
-        return DTYPES[name]
+        dtype = DTYPES[name]
+        if dtype == torch.float16 and device.type == "cpu":
+            warnings.warn("--dtype float16 on the CPU: many kernels are slow or missing there; float32 or bfloat16 "
+                          "run better", UserWarning, stacklevel=2)
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float16 if device.type == "mps" else torch.float32
 
 
-def model_dir(path: str) -> Path:
-    """A local diffusers folder (``model_index.json`` inside), or a clear error."""
+def model_dir(path: str, flag: str = "--model") -> Path:
+    """A local diffusers folder (``model_index.json`` inside, or that file itself), or a clear error."""
     folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        what = "no such folder" if not folder.exists() else "not a diffusers pipeline folder (no model_index.json)"
+    if folder.is_file() and folder.name == MODEL_INDEX:
+        folder = folder.parent
+    if not (folder / MODEL_INDEX).is_file():
+        what = ("no such folder" if not folder.exists() else
+                f"a file, not a pipeline folder" if folder.is_file() else
+                f"not a diffusers pipeline folder (no {MODEL_INDEX} in it)")
         raise CLIError(
-            f"--model {path}: {what}; pass a local folder written by save_pretrained, e.g. "
+            f"{flag} {path}: {what}; pass a local folder written by save_pretrained, e.g. "
             "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`"
         )
     return folder
 
 
-@contextlib.contextmanager
-def quiet_libraries(verbose: bool) -> Iterator[None]:
-    """Hide diffusers'/transformers' info logs and loading bars (kept with ``--verbose``)."""
-    if verbose:
-        yield
-        return
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    saved = dlog.get_verbosity(), tlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(saved[0])
-        tlog.set_verbosity(saved[1])
-        (dlog.enable_progress_bar if saved[2] else dlog.disable_progress_bar)()
-        (tlog.enable_progress_bar if saved[3] else tlog.disable_progress_bar)()
-
-
 def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, verbose: bool = False) -> Any:
     """``DiffusionPipeline.from_pretrained`` of a local folder, moved to ``device``."""
+    from ..models import pipeline_denoisers
+
     folder = model_dir(path)
     with quiet_libraries(verbose):
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
-    if not any(isinstance(getattr(pipe, a, None), torch.nn.Module) for a in _DENOISERS):
-        raise CLIError(f"--model {path}: {type(pipe).__name__} has no unet or transformer for a T-LoRA")
+    if not pipeline_denoisers(pipe):
+        raise CLIError(f"--model {path}: {type(pipe).__name__} has no denoiser of a supported model family")
     return pipe.to(device)
 
 
-def load_denoiser(path: str, verbose: bool = False) -> torch.nn.Module:
-    """Only the ``unet``/``transformer`` of a local pipeline folder (what the io functions need)."""
+def load_denoiser(path: str, verbose: bool = False, component: Optional[str] = None) -> torch.nn.Module:
+    """Only a denoiser of a local pipeline folder (what inspect and convert need), by its model family."""
+    from ..models import supported_models
+
     folder = model_dir(path)
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads((folder / MODEL_INDEX).read_text())
     except ValueError as e:
-        raise CLIError(f"--model {path}: model_index.json is not valid JSON ({e})") from None
-    name = next((a for a in _DENOISERS if isinstance(index.get(a), list) and None not in index[a]), None)
-    if name is None:
-        raise CLIError(f"--model {path}: model_index.json lists no unet or transformer")
-    library, class_name = index[name]
+        raise CLIError(f"--model {path}: {MODEL_INDEX} is not valid JSON ({e})") from None
+    known = set(supported_models())
+    found = [name for name, value in index.items()
+             if isinstance(value, list) and len(value) == 2 and value[1] in known]
+    if component is not None:
+        found = [name for name in found if name == component]
+    if not found:
+        raise CLIError(f"--model {path}: {MODEL_INDEX} lists no denoiser of a supported model family")
+    library, class_name = index[found[0]]
     with quiet_libraries(verbose):
         cls = getattr(importlib.import_module(library), class_name)
-        return cls.from_pretrained(folder, subfolder=name).eval()
+        return cls.from_pretrained(folder, subfolder=found[0]).eval()
 
 
-def load_lora(pipe: Any, path: str, overrides: dict[str, Any]) -> tuple[Any, str]:
-    """``load_tlora`` with the command line's schedule overrides; returns ``(loaded, file format)``.
+def read_lora(path: str, denoiser: Optional[torch.nn.Module], args: argparse.Namespace) -> Any:
+    """Any T-LoRA file in PEFT form, its schedule from the file and the command line's overrides.
 
-    The library refuses a config that contradicts the file's (on purpose: a silent
-    override is a bug in a script). Here the user asked for it, so the file is read once,
-    written with the new config to a temporary file of our format, and that is loaded.
+    A file with a schedule takes ``--max-rank/--min-rank/--alpha`` as overrides (the user asked
+    for them); a file without one takes ``--min-rank/--alpha`` (``--max-rank`` defaults to the
+    file's rank) or ``--lycoris-config``. The layout is the file's business.
     """
-    from ..io import load_tlora, read_tlora, save_tlora
-    from ..io.load import _denoiser_of, _lora_rank, resolve_path
+    from ..io import read_tlora
+    from ..io.common import NeedsInputError
 
-    if not overrides:
+    overrides = schedule_overrides(args)
+    options = {"lycoris_config": args.lycoris_config} if getattr(args, "lycoris_config", None) else {}
+    try:
+        converted = read_tlora(path, denoiser, **options)
+    except NeedsInputError as e:
+        if e.needs == "denoiser":
+            raise CLIError(
+                f"{path}: a LyCORIS/SimpleTuner T-LoRA does not store its frozen base; it is rebuilt from the base "
+                "model's weights, so pass --model PATH (the pipeline folder it was trained on)"
+            ) from None
+        rank = e.partial.get("rank")
+        if not overrides:
+            raise CLIError(
+                f"{path} carries no T-LoRA schedule: pass the one it was trained with, --min-rank M --alpha A "
+                f"(--max-rank defaults to the file's rank, {rank})"
+                + (", or --lycoris-config FILE (SimpleTuner's lycoris_config.json)" if "lycoris" in str(e) else "")
+            ) from None
+        if "max_rank" in overrides and overrides["max_rank"] != rank:
+            raise CLIError(f"--max-rank {overrides['max_rank']} does not fit {path}: its rank is {rank}; leave "
+                           "--max-rank out") from None
         try:
-            loaded = load_tlora(pipe, path)
-        except ValueError as e:
-            if "cfg=TLoRAConfig(" in str(e):  # a plain LoRA: the schedule must come from the user
-                raise CLIError(f"{e} (on the command line: --max-rank R --min-rank M --alpha A)") from None
-            raise
-        return loaded, loaded.format
-    denoiser = _denoiser_of(pipe)
-    try:
-        converted = read_tlora(path, denoiser)
-    except ValueError as first:
-        if "max_rank" not in overrides:
-            raise
-        try:  # a file without a schedule: the overrides are the whole config
-            converted = read_tlora(path, denoiser, overridden_config(None, overrides))
-        except (ValueError, CLIError):
-            raise first from None
-    cfg = overridden_config(converted.meta.config, overrides)
-    rank = _lora_rank(converted.state_dict, Path(path))
-    if rank != cfg.lora_rank:
+            return read_tlora(path, denoiser, min_rank=overrides.get("min_rank", 1),
+                              alpha=overrides.get("alpha", 1.0), **options)
+        except ValueError as error:
+            raise CLIError(f"invalid --min-rank/--alpha: {error}") from None
+    if not overrides:
+        return converted
+    file_cfg = converted.meta.config
+    if "max_rank" in overrides and overrides["max_rank"] != file_cfg.max_rank:
         raise CLIError(
-            f"--max-rank {cfg.max_rank} does not fit {path}: its LoRA rank is {rank} "
-            f"(layout {cfg.layout!r}); a T-LoRA masks the LoRA's own ranks, so leave --max-rank out"
+            f"--max-rank {overrides['max_rank']} does not fit {path}: its rank is {file_cfg.max_rank} "
+            f"(layout {file_cfg.layout!r}); a T-LoRA masks the LoRA's own ranks, so leave --max-rank out"
         )
-    meta = dataclasses.replace(converted.meta, config=cfg)
-    with tempfile.TemporaryDirectory(prefix="tlora-override-") as tmp:
-        file = save_tlora(Path(tmp) / "override.safetensors", converted.state_dict, meta, converted.lora_config)
-        loaded = load_tlora(pipe, file)
-    return dataclasses.replace(loaded, path=resolve_path(path)), converted.format
+    try:
+        cfg = dataclasses.replace(file_cfg, **overrides)
+    except ValueError as e:
+        raise CLIError(f"invalid --max-rank/--min-rank/--alpha: {e}") from None
+    converted.meta = dataclasses.replace(converted.meta, config=cfg)
+    return converted
 
 
-def io_function(name: str, command: str) -> Callable[..., Any]:
-    """``tlora_diffusers.io.inspect.<name>``, or a clear error if this install lacks it."""
-    try:
-        module = importlib.import_module("tlora_diffusers.io.inspect")
-    except ModuleNotFoundError as e:
-        if e.name != "tlora_diffusers.io.inspect":
-            raise
-        module = None
-    function = getattr(module, name, None)
-    if function is None:
-        raise CLIError(
-            f"`tlora-diffusers {command}` needs tlora_diffusers.io.inspect.{name}, which this installation "
-            "does not have; upgrade tlora_diffusers"
-        )
-    return function
+def load_lora(pipe: Any, path: str, args: argparse.Namespace) -> Any:
+    """:func:`read_lora`, then load it onto the pipeline's denoiser; returns :class:`~tlora_diffusers.io.LoadedTLoRA`."""
+    from ..io.load import denoiser_of, load_converted, resolve_path
+
+    converted = read_lora(path, denoiser_of(pipe), args)
+    return load_converted(pipe, converted, resolve_path(path))

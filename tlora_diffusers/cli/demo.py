@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Sequence
 
+from ._help import HelpFormatter
 from ._common import positive_int, quiet_libraries
 
 __all__ = ["add_parser", "run"]
@@ -24,7 +25,7 @@ base model. Outputs: grid.png, schedule.png, summary.json, the LoRA file.
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "demo", parents=parents, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo", parents=parents, epilog=EPILOG, formatter_class=HelpFormatter,
         help="offline end-to-end demo: train, save, load, compare masked vs unmasked",
         description="Train a T-LoRA on one generated image and compare masked, unmasked and base samples, offline.",
     )

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .. import __version__
+from ._help import HelpFormatter
 from ._common import (
     DTYPES,
     CLIError,
@@ -27,9 +28,9 @@ from ._common import (
     load_pipeline,
     non_negative_int,
     positive_int,
+    quiet_libraries,
     resolve_device,
     resolve_dtype,
-    schedule_overrides,
 )
 
 __all__ = ["add_parser", "run", "PromptJob", "read_prompts", "my_share", "write_pngs"]
@@ -38,8 +39,10 @@ EPILOG = """\
 examples:
   tlora-diffusers generate --model ./sdxl --lora out/ --prompt "a photo of a sks dog" --seed 1 --num-images 4
   tlora-diffusers generate --model ./sdxl --lora out/ --prompt "a sks dog" --no-mask --grid
-  tlora-diffusers generate --model ./sdxl --lora plain_lora.safetensors --max-rank 64 --min-rank 32 \\
-      --prompt "a sks dog"                       # a plain LoRA: give its schedule
+  tlora-diffusers generate --model ./sdxl --lora plain_lora.safetensors --min-rank 32 --alpha 1 \\
+      --prompt "a sks dog"                       # a file without a schedule: give it (rank from the file)
+  tlora-diffusers generate --model ./sdxl --lora lycoris.safetensors --lycoris-config lycoris_config.json \\
+      --prompt "a sks dog"                       # a SimpleTuner file without its header
   accelerate launch -m tlora_diffusers.cli generate --model ./sdxl --lora out/ --prompts prompts.jsonl
 
 --prompts FILE: one prompt per line, or one JSON object per line such as
@@ -53,7 +56,7 @@ PNG's text chunks (prompt, seed, steps, guidance, tlora_config, lora, model, ...
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "generate", parents=parents, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "generate", parents=parents, epilog=EPILOG, formatter_class=HelpFormatter,
         help="generate images with a T-LoRA on a local diffusers pipeline",
         description="Load a local diffusers pipeline and a T-LoRA file, generate with the rank mask, and\n"
         "save PNGs with their settings embedded.",
@@ -79,7 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
                    help="also render each image unmasked (all ranks at every step) for comparison")
     p.add_argument("--grid", action="store_true", help="also write one labelled grid per prompt")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no file list")
-    add_schedule_overrides(p, "schedule overrides", "replace fields of the file's T-LoRA config for this run")
+    add_schedule_overrides(p, "schedule", "the T-LoRA config: replaces fields of the file's for this run, or gives it "
+                           "for a file without one")
     p.set_defaults(run=run)
 
 
@@ -278,7 +282,9 @@ def run(args: argparse.Namespace, state: Any = None) -> int:
     pipe = load_pipeline(args.model, device, dtype, args.verbose)
     params = _call_parameters(pipe)
     _check_options(pipe, params, jobs, args)
-    loaded, lora_format = load_lora(pipe, args.lora, schedule_overrides(args))
+    with quiet_libraries(args.verbose):
+        loaded = load_lora(pipe, args.lora, args)
+    lora_format = loaded.format
     mine = my_share(jobs, state)
     out.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=args.quiet, leave=False, desc=f"{tag}sampling")

@@ -1,28 +1,36 @@
-"""``tlora-diffusers``: argparse wiring, one module per command, and the error manners.
+"""``tlora-diffusers``: argparse wiring, one module per command (imported only when it runs), error manners.
 
 A user error (a missing file, a file of the wrong format, an invalid config value: the
 ``ValueError``/``OSError``/``TypeError`` the library raises, the commands' own ``CLIError``,
 or ``ImportError`` for a missing optional package) is printed as one line,
 ``tlora-diffusers: error: ...``, with exit status 2; ``--verbose`` adds the traceback.
-Anything else is a bug and keeps its traceback.
+A closed output pipe (``... | head``) ends quietly with status 0. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import traceback
 from typing import Optional, Sequence
 
 from .. import __version__
-from . import convert, demo, generate, schedule, train
-from . import inspect as inspect_command
 
 __all__ = ["main", "build_parser", "PROG", "COMMANDS"]
 
 PROG = "tlora-diffusers"
-#: Each command module has ``add_parser(subparsers, parents)``, which sets ``run(args) -> int``.
-COMMANDS = (demo, train, generate, schedule, inspect_command, convert)
+#: name -> (module, one-line help). Each module has ``add_parser(subparsers, parents)``, which sets ``run``.
+COMMANDS = {
+    "demo": ("demo", "offline demo on the shipped scenes model: train LoRA and T-LoRA on one image, compare"),
+    "train": ("train", "train a T-LoRA on one or a few images"),
+    "generate": ("generate", "generate images with a T-LoRA on a local diffusers pipeline"),
+    "schedule": ("schedule", "print (and plot) the active rank at each timestep and sampling step"),
+    "inspect": ("inspect", "describe a T-LoRA file: format, schedule, rank, modules"),
+    "convert": ("convert", "convert a T-LoRA file to tlora_diffusers' self-describing safetensors"),
+}
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # CLIError is a ValueError
 
 EPILOG = """\
@@ -38,7 +46,8 @@ Run `tlora-diffusers COMMAND --help` for each command's options and examples.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (``None``: every command, for tests and docs)."""
     parser = argparse.ArgumentParser(
         prog=PROG, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="T-LoRA (timestep-dependent LoRA rank masking) on stock diffusers pipelines.",
@@ -50,18 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks and library logs")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
-        command.add_parser(subparsers, [common])
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(f"{__package__}.{module}").add_parser(subparsers, [common])
+        else:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+def _command(argv: Sequence[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    parser = build_parser(command if command in COMMANDS else "")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: argparse already printed
@@ -71,8 +85,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error
+        _silence_stdout()
+        return 0
     except USER_ERRORS as e:
         if args.verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass

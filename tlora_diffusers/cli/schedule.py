@@ -9,6 +9,7 @@ import torch
 
 from ..config import TLoRAConfig
 from ..schedule import active_rank
+from ._help import HelpFormatter
 from ._common import CLIError, positive_int
 
 __all__ = ["add_parser", "run", "sampling_timesteps", "TABLE_TIMESTEPS", "SCHEDULERS"]
@@ -49,7 +50,7 @@ S instead (SD3: 3.0). Flux's transformer receives timestep / 1000; tlora_diffuse
 
 def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "schedule", parents=parents, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "schedule", parents=parents, epilog=EPILOG, formatter_class=HelpFormatter,
         help="print (and plot) the active rank at each timestep and sampling step",
         description="Print the T-LoRA rank schedule: the active rank at timesteps 0..1000 and, with --steps, "
         "at each sampling step of a stock scheduler.",
@@ -58,13 +59,16 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
     p.add_argument("--min-rank", type=int, default=1, metavar="M", help="ranks active at t = T (default: 1)")
     p.add_argument("--alpha", type=float, action="append", metavar="A",
                    help="schedule exponent; repeat to compare several (default: 1.0)")
-    p.add_argument("--steps", type=positive_int, metavar="N", help="also show the rank at each of N sampling steps")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="also show the rank at each of N sampling steps (default: no steps)")
     p.add_argument("--scheduler", choices=SCHEDULERS,
                    help="scheduler for --steps: euler (SDXL, the default) or flow (FLUX.1)")
     p.add_argument("--resolution", type=positive_int, metavar="PX",
                    help="flow: image side for the dynamic shift (default: 1024)")
-    p.add_argument("--shift", type=float, metavar="S", help="flow: a static shift instead of the dynamic one")
-    p.add_argument("--plot", metavar="FILE.png", help="write rank-vs-timestep curves (needs matplotlib)")
+    p.add_argument("--shift", type=float, metavar="S",
+                   help="flow: a static shift instead of the dynamic one (default: the dynamic shift)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="write rank-vs-timestep curves; .png is added without a suffix (default: no plot)")
     p.set_defaults(run=run)
 
 
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from ..plot import rank_schedule_figure, save_figure
 
-        label = f"{scheduler} sampling steps"
+        label = f"{args.steps} {scheduler} sampling steps" if steps is not None else "sampling steps"
         fig = rank_schedule_figure(configs, num_train_timesteps=T, sampling_timesteps=steps, sampling_label=label)
         print(f"\nwrote {save_figure(fig, args.plot)}")
     return 0

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from .common import default_lora_config, lora_rank
+from .common import NeedsInputError, default_lora_config, lora_rank, schedule_config
 from .format import COMPONENT_PREFIXES, LORA_ADAPTER_METADATA_KEY, TLORA_METADATA_KEY, TLoRAFileMetadata, json_object
 from .formats import ConvertedTLoRA, TLoRAFormat
 
@@ -38,22 +38,30 @@ def _adapter_config(metadata: dict[str, str], component: str, path: Path) -> Opt
     return {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
 
 
-def _convert_diffusers(path, tensors, metadata, denoiser, cfg, **options) -> ConvertedTLoRA:
+def _convert_diffusers(path, tensors, metadata, denoiser, cfg, *, min_rank: Optional[int] = None,
+                       alpha: Optional[float] = None) -> ConvertedTLoRA:
+    """Ours, or a plain diffusers LoRA: its schedule from ``cfg`` or ``min_rank=``/``alpha=`` (the rank is the file's)."""
     component, state_dict = split_component(tensors, path)
     rank = lora_rank(state_dict, path)
     lora_config = _adapter_config(metadata, component, path) or default_lora_config(state_dict, rank)
     lora_config.pop("base_model_name_or_path", None)
     if TLORA_METADATA_KEY in metadata:
+        if min_rank is not None or alpha is not None:
+            raise ValueError(f"{path} carries its T-LoRA config; min_rank=/alpha= are for files without one")
         meta = TLoRAFileMetadata.from_json(metadata[TLORA_METADATA_KEY], where=str(path))
         fmt = "tlora_diffusers"
-    elif cfg is not None:
-        meta = TLoRAFileMetadata(cfg, component=component, source_format="diffusers")
-        fmt = "diffusers"
     else:
-        raise ValueError(
-            f"{path}: a plain LoRA file with no T-LoRA config in its metadata; pass cfg=TLoRAConfig(max_rank={rank}, "
-            "min_rank=..., alpha=...) with the schedule it was trained with"
-        )
+        layout = cfg.layout if cfg is not None else "plain"  # a paired encoding cannot be told from the tensors
+        schedule = schedule_config(path, rank // 2 if layout == "paired" else rank, layout, cfg, min_rank, alpha)
+        if schedule is None:
+            raise NeedsInputError(
+                f"{path}: a plain LoRA file with no T-LoRA config in its metadata; pass cfg=TLoRAConfig(max_rank={rank}, "
+                "min_rank=..., alpha=...) or min_rank=... (and alpha=..., default 1.0): the schedule it was trained with",
+                "cfg", {"variant": "vanilla", "layout": "plain", "rank": rank, "lora_rank": rank, "config": "needs cfg",
+                        "modules": sorted({k.rpartition(".lora_")[0] for k in state_dict}), "component": component},
+            )
+        meta = TLoRAFileMetadata(schedule, component=component, source_format="diffusers")
+        fmt = "diffusers"
     if meta.component != component:
         raise ValueError(f"{path}: metadata says component {meta.component!r} but the keys are for {component!r}")
     if meta.config.lora_rank != rank:

@@ -141,8 +141,11 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot write there ({e.strerror})") from None
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -180,6 +183,11 @@ def save_tlora(
     """
     path = Path(path)
     if path.suffix != ".safetensors":
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"{path}: an existing file that is not .safetensors; pass a folder (the file is {WEIGHT_NAME} inside) "
+                "or a path ending in .safetensors"
+            )
         path = path / WEIGHT_NAME
     if not meta.fingerprint:
         meta = replace(meta, fingerprint=weights_fingerprint(state_dict))

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..config import TLoRAConfig
-from .format import TLORA_METADATA_KEY, save_tlora
-from .common import NeedsInputError, lora_rank
+from .format import save_tlora
+from .common import NeedsInputError
 from .formats import ConvertedTLoRA, detect_format
 from .load import check_modules, denoiser_of, read_tensors, read_tlora, resolve_path
 
-__all__ = ["inspect_tlora", "convert_tlora", "compress_names", "TLoRAReport"]
+__all__ = ["inspect_tlora", "convert_tlora", "write_converted", "compress_names", "TLoRAReport"]
 
 _INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 
@@ -119,32 +119,19 @@ def inspect_tlora(
         "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
         "metadata": _parsed_metadata(metadata), "needs": [], "notes": [],
     }
-    if fmt.name == "tlora_diffusers" and TLORA_METADATA_KEY not in metadata:
-        info.update(_inspect_plain_diffusers(path, tensors))
+    try:
+        converted = fmt.convert(path, tensors, metadata, model, None, **options)
+    except NeedsInputError as e:
+        info.update(e.partial)
+        info["needs"] = [e.needs] + (["cfg"] if e.needs != "cfg" and info.get("config") == "needs cfg" else [])
     else:
-        try:
-            converted = fmt.convert(path, tensors, metadata, model, None, **options)
-        except NeedsInputError as e:
-            info.update(e.partial)
-            info["needs"] = [e.needs] + (["cfg"] if e.needs != "cfg" and info.get("config") == "needs cfg" else [])
-        else:
-            info.update(_describe(converted))
-            if model is not None:
-                check_modules(model, converted.state_dict, path)
+        info.update(_describe(converted))
+        if model is not None:
+            check_modules(model, converted.state_dict, path)
     modules = info.pop("modules", [])
     info["num_modules"] = len(modules)
     info["modules"] = compress_names(modules)
     return TLoRAReport(info)
-
-
-def _inspect_plain_diffusers(path: Path, tensors: dict) -> dict[str, Any]:
-    """A plain diffusers LoRA without T-LoRA metadata: everything but the schedule."""
-    component = next(iter(tensors)).split(".", 1)[0]
-    state_dict = {k.split(".", 1)[1]: v for k, v in tensors.items()}
-    rank = lora_rank(state_dict, path)
-    modules = sorted({k.rpartition(".lora_")[0] for k in state_dict})
-    return {"config": "needs cfg", "variant": "vanilla", "layout": "plain", "rank": rank, "lora_rank": rank,
-            "modules": modules, "component": component, "needs": ["cfg"]}
 
 
 def convert_tlora(
@@ -171,6 +158,11 @@ def convert_tlora(
     converted = read_tlora(src, model, cfg, **options)
     if model is not None:
         check_modules(model, converted.state_dict, src)
+    return write_converted(converted, dst)
+
+
+def write_converted(converted: ConvertedTLoRA, dst: Union[str, Path]) -> Path:
+    """Save an already converted T-LoRA in our format (``save_tlora``, atomic)."""
     meta = converted.meta
     if meta.source_format is None:
         meta = dataclasses.replace(meta, source_format=converted.format)

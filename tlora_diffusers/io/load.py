@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from ..config import TLoRAConfig
 from .format import COMPONENT_PREFIXES, WEIGHT_NAME, TLoRAFileMetadata, peft_metadata, read_safetensors_metadata
+from . import _offload
 from .formats import ConvertedTLoRA, detect_format
 
-__all__ = ["LoadedTLoRA", "read_tlora", "load_tlora", "resolve_path", "read_tensors", "denoiser_of", "check_modules",
+__all__ = ["LoadedTLoRA", "read_tlora", "load_tlora", "load_converted", "resolve_path", "read_tensors", "denoiser_of", "check_modules",
            "same_schedule"]
 
 
@@ -46,6 +47,24 @@ def resolve_path(path: Union[str, Path]) -> Path:
     return path
 
 
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"BM", "a BMP image"), (b"%PDF", "a PDF"))
+
+
+def _what_is(path: Path) -> Optional[str]:
+    """What a file that is not a T-LoRA file looks like, from its first bytes (``None``: maybe a torch file)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return None  # a zip (torch.save) or a pickle
+    return "neither a safetensors file nor a torch weights file"
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file or a weights-only torch pickle."""
     if path.suffix == ".safetensors":
@@ -56,12 +75,19 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return load_file(str(path)), metadata
         except Exception as e:
             raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    kind = _what_is(path)
+    if kind is not None:
+        raise ValueError(
+            f"{path}: not a T-LoRA file ({kind}); pass a .safetensors LoRA file, a torch weights file such as the "
+            "paper's lora.pt, or a folder holding one"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(
             f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Pickles are never executed here; convert it to safetensors in a trusted environment first"
+            "Only plain tensors are read here (pickled code is never run): save the weights with safetensors, "
+            "or as a dict of tensors"
         ) from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
@@ -192,11 +218,9 @@ def load_tlora(
         >>> with TLoRAPatch(pipe):
         ...     image = pipe("a sks dog").images[0]
     """
-    from ._offload import offloading_disabled
-
     path = resolve_path(_from_hub(path, options))
     pipe = None if isinstance(target, nn.Module) else target
-    with offloading_disabled(pipe):
+    with _offload.offloading_disabled(pipe):
         tensors, metadata = read_tensors(path)
         fmt = detect_format(list(tensors), metadata, path)
         if component is None and pipe is not None and _file_component(tensors) in vars(pipe):
@@ -208,15 +232,29 @@ def load_tlora(
                 f"{path}: the file's T-LoRA config {converted.meta.config} contradicts cfg={cfg}; "
                 "drop cfg to use the file's, or convert the file with the config you want"
             )
-        check_modules(denoiser, converted.state_dict, path)
-        name = _free_adapter_name(denoiser, adapter_name)
-        try:
-            denoiser.load_lora_adapter(dict(converted.state_dict), prefix=None, adapter_name=name,
-                                       metadata=peft_metadata(converted.lora_config, converted.meta))
-        except BaseException:
-            if name in (getattr(denoiser, "peft_config", {}) or {}):
-                denoiser.delete_adapters(name)
-            raise
+        return _load(denoiser, converted, path, adapter_name)
+
+
+def load_converted(target: Any, converted: ConvertedTLoRA, path: Union[str, Path], *,
+                   adapter_name: Optional[str] = None, component: Optional[str] = None) -> LoadedTLoRA:
+    """Put an already converted T-LoRA (from :func:`read_tlora`) on a pipeline's denoiser or a denoiser."""
+    pipe = None if isinstance(target, nn.Module) else target
+    if component is None and pipe is not None and converted.meta.component in vars(pipe):
+        component = converted.meta.component
+    with _offload.offloading_disabled(pipe):
+        return _load(denoiser_of(target, component), converted, Path(path), adapter_name)
+
+
+def _load(denoiser: nn.Module, converted: ConvertedTLoRA, path: Path, adapter_name: Optional[str]) -> LoadedTLoRA:
+    check_modules(denoiser, converted.state_dict, path)
+    name = _free_adapter_name(denoiser, adapter_name)
+    try:
+        denoiser.load_lora_adapter(dict(converted.state_dict), prefix=None, adapter_name=name,
+                                   metadata=peft_metadata(converted.lora_config, converted.meta))
+    except BaseException:
+        if name in (getattr(denoiser, "peft_config", {}) or {}):
+            denoiser.delete_adapters(name)
+        raise
     return LoadedTLoRA(converted.format, converted.meta.config, name, path, converted.meta)
 
 
