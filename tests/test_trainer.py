@@ -216,3 +216,103 @@ def test_trainer_does_not_touch_a_lora_the_user_had(models, images, tmp_path):
     assert after.keys() == style.keys()
     assert all(after[n].dtype == torch.bfloat16 and torch.equal(after[n], style[n]) for n in style)
     assert list(pipe.unet.peft_config) == ["style"]
+
+
+@pytest.mark.parametrize("accum, every", [(2, 3), (3, 2)])
+def test_resume_is_bit_identical_with_gradient_accumulation(models, images, tmp_path, monkeypatch, accum, every):
+    kw = dict(steps=8, checkpoint_every=every, gradient_accumulation_steps=accum, batch_size=2)
+    full = train(config(models, images, tmp_path / "full", **kw))
+    import tlora_diffusers.training.trainer as trainer
+
+    real_save, saves = trainer.save_checkpoint, []
+
+    def save_then_crash(*args, **k):
+        path = real_save(*args, **k)
+        saves.append(path)
+        if len(saves) == 1:  # crash right after the first checkpoint, in the middle of an accumulation cycle
+            raise Interrupt()
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        train(config(models, images, tmp_path / "cut", **kw))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    resumed = train(config(models, images, tmp_path / "cut", resume=True, **kw))
+    expected, got = load_file(full.output_file), load_file(resumed.output_file)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert resumed.losses == full.losses
+
+
+def test_extending_a_finished_run_equals_a_longer_run(models, images, tmp_path):
+    longer = train(config(models, images, tmp_path / "long", steps=6))
+    train(config(models, images, tmp_path / "ext", steps=4))
+    extended = train(config(models, images, tmp_path / "ext", steps=6, resume=True))
+    expected, got = load_file(longer.output_file), load_file(extended.output_file)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert extended.losses == longer.losses
+    with pytest.raises(ValueError, match=r"already trained 6 steps; pass steps >= 6"):
+        train(config(models, images, tmp_path / "ext", steps=5, resume=True))
+
+
+@pytest.mark.parametrize("change, name", [(dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+                                          (dict(mixed_precision="bf16"), "mixed_precision"),
+                                          (dict(max_grad_norm=0.5), "max_grad_norm"),
+                                          (dict(batch_size=2), "batch_size")])
+def test_a_resume_that_changes_the_result_is_refused_naming_the_setting(models, images, tmp_path, change, name):
+    train(config(models, images, tmp_path, steps=2, checkpoint_every=1))
+    with pytest.raises(ValueError, match=rf"settings that change the result differ .*: {name} \(was"):
+        train(config(models, images, tmp_path, steps=3, resume=True, **change))
+
+
+def test_a_resume_on_other_images_is_refused(models, images, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "concept.png").write_bytes((images / "concept.png").read_bytes())
+    train(config(models, folder, tmp_path / "run", steps=2))
+    x = np.zeros((64, 64, 3), np.uint8)
+    Image.fromarray(x).save(folder / "concept.png")  # same path, other pixels
+    with pytest.raises(ValueError, match=r"differ .*: images \(was"):
+        train(config(models, folder, tmp_path / "run", steps=3, resume=True))
+
+
+def test_model_card_and_push_to_hub_up_to_the_upload(models, images, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok: calls.setdefault("create", repo_id) and type("R", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    train(config(models, images, tmp_path, steps=2, validation_prompts=["a sks square"], validation_steps=2,
+                 push_to_hub=True, hub_model_id="me/sks-square"))
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == str(models["sdxl"]) and card.data.instance_prompt == "a photo of sks square"
+    assert {"lora", "t-lora", "diffusers"} <= set(card.data.tags)
+    text = card.text
+    assert "max_rank | 4" in text and "min_rank | 1" in text and "TLoRAPatch(pipe)" in text
+    assert "pipe.load_lora_weights(\"me/sks-square\")" in text and "validation/step-000002-0.png" in text
+    assert calls["create"] == "me/sks-square" and calls["upload"]["folder_path"] == str(tmp_path)
+    assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+def test_two_processes_under_accelerate_launch_match_one_process_with_the_combined_batch(models, images, tmp_path):
+    """gloo on the CPU: each process masks its own samples by their own timesteps; DDP averages."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--model", str(models["sdxl"]), "--images", str(images), "--prompt", "a photo of sks square", "--steps", "3",
+              "--resolution", "64", "--rank", "4", "--lr", "1e-3", "--checkpoint-every", "2", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "tlora_diffusers.cli", "train", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # the main process reports (and writes) once
+    one = train(config(models, images, tmp_path / "one", steps=3, batch_size=2, checkpoint_every=2, learning_rate=1e-3))
+    a, b = load_file(tmp_path / "two" / "pytorch_lora_weights.safetensors"), load_file(one.output_file)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # all-reduce order: float rounding only
+    run = json.loads((tmp_path / "two" / "tlora_train.json").read_text())
+    assert run["identity"]["num_processes"] == 2 and len((tmp_path / "two" / "logs.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]

@@ -291,8 +291,8 @@ class Attachment:
             return False
         for group in self.groups:
             first = group.modules[0]
-            if "_hf_hook" in first.__dict__ or first.weight.is_meta:
-                return False
+            if "_hf_hook" in first.__dict__ or first.weight.is_meta or type(first.weight.data) is not torch.Tensor:
+                return False  # offloaded, or a tensor subclass (FSDP's DTensor, a quantized tensor)
         return True
 
     def __deepcopy__(self, memo: dict) -> None:

@@ -19,7 +19,7 @@ examples:
   tlora-diffusers train ... --checkpoint-every 100 --resume         # continue an interrupted run
   tlora-diffusers train ... --resume --steps 1200                   # extend a finished 800-step run
   tlora-diffusers train ... --push-to-hub --hub-model-id me/sks-dog-tlora
-  accelerate launch -m tlora_diffusers.cli train ...                # several processes/GPUs, unchanged
+  accelerate launch --multi_gpu --num_processes 2 -m tlora_diffusers.cli train ...  # 2 processes (GPUs, or CPUs)
 
 The result, out/pytorch_lora_weights.safetensors, loads with stock diffusers:
   pipe.load_lora_weights("out/"); TLoRAPatch(pipe)   # the schedule comes from the file
@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     )
     with quiet_libraries(args.verbose):
         result = train(cfg)
+    if not result.main_process:
+        return 0
     print(f"loss {result.probe_loss_start:.4f} -> {result.probe_loss_end:.4f} (fixed probe set, masked)")
     print(f"wrote {result.output_file} and its model card {result.output_file.parent / 'README.md'}")
     return 0

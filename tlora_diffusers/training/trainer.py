@@ -127,6 +127,8 @@ class TrainResult:
     probe_loss_end: float
     seconds: float
     validation_images: list[Path]
+    #: False in the other processes of an ``accelerate launch`` run (only the main one writes files).
+    main_process: bool = True
 
 
 #: Settings that change the trained weights: a resumed run must share every one of them.
@@ -241,6 +243,12 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
     _release_accelerator_state(cfg.mixed_precision)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise ValueError(
+            f"launched as {world} processes, but accelerate formed a group of {accelerator.num_processes} (FSDP "
+            "without GPUs?), so every process would train alone and write the same files; launch with "
+            "`accelerate launch --multi_gpu --num_processes N` (GPUs, or CPUs with gloo)"
+        )
     pipe.to(accelerator.device)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -299,8 +307,9 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         def loss_of(g: torch.Generator, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
             picks = torch.randint(0, encoded.shape[0], (total,), generator=g)
             batch, target, _ = recipe.sample(pipe, encoded[picks], g, ctx)
-            batch, target = _slice_batch(batch, target, recipe.batch_keys, total, accelerator.process_index,
-                                         cfg.batch_size)
+            if train:  # each process its share; the probe loss sees the whole batch on every process
+                batch, target = _slice_batch(batch, target, recipe.batch_keys, total, accelerator.process_index,
+                                             cfg.batch_size)
             kwargs = _move(recipe.forward_kwargs(pipe, cond, batch), device)
             with accelerator.autocast():
                 pred = model(**kwargs, return_dict=False)[0]
@@ -383,7 +392,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         for undo in reversed(cleanup):
             undo()
     return TrainResult(output_file, cfg.steps, state["losses"], probe_start, probe_end,
-                       time.perf_counter() - started, validation)
+                       time.perf_counter() - started, validation, accelerator.is_main_process)
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:
