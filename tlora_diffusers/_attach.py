@@ -85,6 +85,10 @@ class DenoiserPatch:
         self.watch_new_adapters = watch_new_adapters
         self.stale: dict[str, str] = {}  # adapter -> why it can no longer be masked (set by a hotswap)
         self._fingerprint = self._take_fingerprint()
+        reps: dict[str, MaskSite] = {}
+        for site in sites:
+            reps.setdefault(site.adapter, site)
+        self._reps = list(reps.values())  # one layer per adapter: what the O(1) staleness check looks at
 
     # -- masks ------------------------------------------------------------------------------
     def masks(self, t: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
@@ -97,12 +101,6 @@ class DenoiserPatch:
         return out
 
     # -- staleness, in microseconds ---------------------------------------------------------
-    def _representatives(self) -> list[MaskSite]:
-        reps: dict[str, MaskSite] = {}
-        for site in self.sites:
-            reps.setdefault(site.adapter, site)
-        return list(reps.values())
-
     def _take_fingerprint(self) -> tuple:
         peft_config = getattr(self.denoiser, "peft_config", None)
         return id(peft_config), tuple(id(peft_config.get(a)) if peft_config else 0 for a in self.configs)
@@ -116,7 +114,7 @@ class DenoiserPatch:
         """
         for adapter, reason in self.stale.items():
             return f"adapter {adapter!r} {reason}"
-        for site in self._representatives():
+        for site in self._reps:
             reason = site.stale_reason()
             if reason:
                 return reason

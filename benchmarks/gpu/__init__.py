@@ -1,0 +1,1 @@
+"""The GPU suite (``benchmarks/gpu/run.sh``)."""
