@@ -2,8 +2,10 @@
 
     pip install -r requirements-space.txt && python app.py
 
-Environment: ``TLORA_MODEL`` (default model folder; without it the tiny offline model is
-preselected), ``TLORA_DEVICE`` (default: ``cuda`` if available, else ``cpu``).
+The model folder starts at the shipped scenes model (a small text-to-image model trained for
+this project) with an example T-LoRA trained on it; any local diffusers folder works, and
+``tiny:sdxl`` builds a tiny random SDXL offline. Environment: ``TLORA_MODEL`` (the folder
+to start with), ``TLORA_DEVICE`` (default: ``cuda`` if available, else ``cpu``).
 
 The handlers are plain functions (:func:`generate`, :func:`tiny_tlora_file`) so they can be
 called and tested without a browser. Pipelines are cached per model folder and shared by
@@ -23,14 +25,18 @@ from typing import Any, Optional, Union
 import torch
 
 from tlora_diffusers import TLoRAPatch, active_rank, load_tlora
-from tlora_diffusers.cli._common import load_pipeline, quiet_libraries, resolve_device, resolve_dtype
-from tlora_diffusers.io.load import _denoiser_of
+from tlora_diffusers.cli._common import load_pipeline, model_dir as check_model_dir, quiet_libraries, resolve_device, \
+    resolve_dtype
+from tlora_diffusers.io.load import denoiser_of
 from tlora_diffusers.plot import figure_to_image, rank_schedule_figure
+from tlora_diffusers.scenes import EXAMPLE_TLORA, PIPELINE
 
-__all__ = ["TINY_MODEL", "generate", "get_pipeline", "tiny_tlora_file", "build_demo"]
+__all__ = ["TINY_MODEL", "SCENES_MODEL", "EXAMPLE_TLORA", "generate", "get_pipeline", "tiny_tlora_file", "build_demo"]
 
-#: The model choice that builds a tiny random SDXL pipeline offline (for trying the app).
+#: The model name that builds a tiny random SDXL pipeline offline (for trying other models' code paths).
 TINY_MODEL = "tiny:sdxl"
+#: The shipped scenes model: the default (a real, small text-to-image model trained for this project).
+SCENES_MODEL = str(PIPELINE)
 #: LoRA targets of :func:`tiny_tlora_file` (attention of the tiny SDXL UNet).
 TINY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -46,9 +52,9 @@ def _device() -> torch.device:
 def get_pipeline(model_dir: str) -> Any:
     """The cached pipeline of a local diffusers folder, or of :data:`TINY_MODEL` (built once)."""
     global _TINY_DIR
-    key = model_dir.strip()
+    key = (model_dir or "").strip()
     if not key:
-        raise ValueError("choose a model: a local diffusers folder, or tick the tiny offline model")
+        raise ValueError(f"choose a model: a local diffusers folder, e.g. the shipped {SCENES_MODEL}, or {TINY_MODEL}")
     pipe = _PIPELINES.get(key)
     if pipe is None:
         path = key
@@ -59,6 +65,7 @@ def get_pipeline(model_dir: str) -> Any:
                 with quiet_libraries(verbose=False):
                     _TINY_DIR = save_tiny_pipeline("sdxl", tempfile.mkdtemp(prefix="tlora-tiny-sdxl-"))
             path = str(_TINY_DIR)
+        check_model_dir(path, flag="model folder")
         device = _device()
         pipe = load_pipeline(path, device, resolve_dtype("auto", device))
         pipe.set_progress_bar_config(disable=True)
@@ -70,7 +77,7 @@ def _path(lora_file: Any) -> str:
     """Gradio gives a path (``type="filepath"``) or an object with ``.name``; tests pass paths."""
     path = getattr(lora_file, "name", lora_file)
     if not path:
-        raise ValueError("upload a T-LoRA file (.safetensors), or make a random tiny one for the tiny model")
+        raise ValueError("upload a T-LoRA file (.safetensors), or take the example T-LoRA for the scenes model")
     return str(path)
 
 
@@ -116,7 +123,7 @@ def generate(
             unmasked = pipe(**kwargs, generator=torch.Generator().manual_seed(seed)).images[0]
             end = time.perf_counter()
         finally:
-            _denoiser_of(pipe).delete_adapters(loaded.adapter_name)
+            denoiser_of(pipe).delete_adapters(loaded.adapter_name)
         figure = rank_schedule_figure(
             [loaded.config], num_train_timesteps=T, sampling_timesteps=timesteps,
             sampling_label=f"this run's {steps} steps",
@@ -131,7 +138,13 @@ def generate(
         f"**Active rank per step**: {', '.join(map(str, ranks))}",
         f"**Time**: masked {middle - start:.2f} s, unmasked {end - middle:.2f} s",
     ])
-    return masked, unmasked, schedule, info
+    return _display(masked), _display(unmasked), schedule, info
+
+
+def _display(image: Any, at_least: int = 256) -> Any:
+    """Small images (the scenes model's 32x32) upscaled by a whole factor, nearest neighbour, to be seen."""
+    factor = max(1, -(-at_least // max(image.size)))
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), 0)
 
 
 def tiny_tlora_file(max_rank: int = 8, min_rank: int = 1, alpha: float = 1.0, seed: int = 0) -> str:
@@ -158,33 +171,33 @@ def build_demo() -> Any:
     """The Gradio Blocks UI around :func:`generate`, queued one request at a time."""
     import gradio as gr
 
-    def run(use_tiny, model_dir, lora_file, prompt, steps, seed, negative):
+    def run(model_dir, lora_file, prompt, steps, seed, negative, guidance):
         try:
-            return generate(TINY_MODEL if use_tiny else model_dir, lora_file, prompt, steps, seed, negative)
+            return generate(model_dir, lora_file, prompt, steps, seed, negative, guidance)
         except (ValueError, OSError, TypeError) as e:  # user errors: shown in the page, not as a traceback
             raise gr.Error(" ".join(str(e).split())) from None
 
-    def make_tiny():
-        return tiny_tlora_file(), True
-
-    env_model = os.environ.get("TLORA_MODEL", "")
     with gr.Blocks(title="T-LoRA: masked vs unmasked") as demo:
         gr.Markdown(
             "# T-LoRA: timestep-dependent rank masking\n"
             "The same seed sampled twice: with the T-LoRA's rank mask (few ranks at high noise, all near "
             "t = 0) and unmasked (all ranks at every step). The plot shows the active rank per timestep "
-            "and this run's sampling steps."
+            "and this run's sampling steps. The model starts at the shipped scenes model (32x32 scenes of "
+            "shapes, trained for this project) with an example T-LoRA of a shape it had never seen (\"sks shape\")."
         )
         with gr.Row():
             with gr.Column(scale=1):
-                use_tiny = gr.Checkbox(value=not env_model,
-                                       label="tiny offline model (random weights, for trying the app)")
-                model_dir = gr.Textbox(value=env_model, label="model folder (diffusers layout, e.g. a downloaded SDXL)")
-                lora_file = gr.File(label="T-LoRA file (.safetensors)", type="filepath")
-                make = gr.Button("make a random tiny T-LoRA (for the tiny model)", size="sm")
-                prompt = gr.Textbox(value="a photo of a sks dog", label="prompt")
+                model_dir = gr.Textbox(value=os.environ.get("TLORA_MODEL", SCENES_MODEL),
+                                       label=f"model folder (diffusers layout; {TINY_MODEL} for a tiny random SDXL)")
+                lora_file = gr.File(value=str(EXAMPLE_TLORA) if EXAMPLE_TLORA.is_file() else None,
+                                    label="T-LoRA file (.safetensors)", type="filepath")
+                with gr.Row():
+                    example = gr.Button("example T-LoRA (scenes)", size="sm")
+                    tiny = gr.Button(f"random T-LoRA (for {TINY_MODEL})", size="sm")
+                prompt = gr.Textbox(value="a sks shape on a blue background", label="prompt")
                 negative = gr.Textbox(label="negative prompt")
-                steps = gr.Slider(1, 100, value=25, step=1, label="steps")
+                steps = gr.Slider(1, 100, value=20, step=1, label="steps")
+                guidance = gr.Number(value=4.0, label="guidance scale")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
                 go = gr.Button("generate", variant="primary")
             with gr.Column(scale=2):
@@ -193,9 +206,12 @@ def build_demo() -> Any:
                     unmasked = gr.Image(label="unmasked (all ranks at every step)", type="pil", format="png")
                 schedule = gr.Image(label="rank schedule", type="pil", format="png")
                 info = gr.Markdown()
-        go.click(run, [use_tiny, model_dir, lora_file, prompt, steps, seed, negative],
+        go.click(run, [model_dir, lora_file, prompt, steps, seed, negative, guidance],
                  [masked, unmasked, schedule, info], api_name="generate")
-        make.click(make_tiny, [], [lora_file, use_tiny], api_name="tiny_tlora")
+        example.click(lambda: (SCENES_MODEL, str(EXAMPLE_TLORA), "a sks shape on a blue background", 4.0), [],
+                      [model_dir, lora_file, prompt, guidance], api_name="example_tlora")
+        tiny.click(lambda: (TINY_MODEL, tiny_tlora_file(), "a photo of a sks dog"), [], [model_dir, lora_file, prompt],
+                   api_name="tiny_tlora")
     return demo.queue(default_concurrency_limit=1)
 
 

@@ -226,3 +226,42 @@ def test_deep_copy_of_a_patched_denoiser_is_an_unpatched_one():
         masked = pipe.unet(timestep=900, **x).sample
         assert torch.equal(twin(timestep=900, **x).sample, unpatched)
     assert not torch.equal(masked, unpatched)
+
+
+@torch.no_grad()
+def test_load_tlora_from_a_hub_repo_id_through_the_local_cache(tmp_path, monkeypatch):
+    """As load_lora_weights takes them: "user/repo" + weight_name, resolved by huggingface_hub offline."""
+    import shutil
+
+    from tlora_diffusers import load_tlora
+
+    src = tlora_file(tmp_path, "sdxl", A, "a", seed=1)
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--me--sks-tlora" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(src, snapshot / "sks.safetensors")
+    (cache / "models--me--sks-tlora" / "refs").mkdir()
+    (cache / "models--me--sks-tlora" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = tiny_pipeline("sdxl")
+    info = load_tlora(pipe, "me/sks-tlora", weight_name="sks.safetensors", cache_dir=str(cache))
+    assert info.config == A and info.path.name == "sks.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"'missing.safetensors' of Hub repo 'me/sks-tlora' is not in the local "
+                                                r"cache .*hf download me/sks-tlora missing.safetensors"):
+        load_tlora(pipe, "me/sks-tlora", weight_name="missing.safetensors", cache_dir=str(cache))
+
+
+@torch.no_grad()
+def test_a_lora_on_a_torchao_int8_base_is_masked_like_the_reference():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_  # a test dependency; int8 runs on the CPU
+
+    pipe = tiny_pipeline("sdxl")
+    quantize_(pipe.unet, Int8WeightOnlyConfig())
+    add_lora(pipe.unet, "sdxl", name="a")
+    layer = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert type(layer).__name__ == "TorchaoLoraLinear"  # PEFT's layer for torchao bases
+    expected = reference(pipe, {"a": A})
+    with TLoRAPatch(pipe, {"a": A}):
+        got = run(pipe)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert np.abs(got - run(pipe)).max() > 1e-3  # the mask changed the images

@@ -66,3 +66,40 @@ def test_offloading_keeps_masks(reference, how, order):
     assert np.abs(got - plain).max() > 1e-3  # the mask really changed the images
     patch.remove()
     np.testing.assert_allclose(run(pipe), plain, atol=1e-5)
+
+
+def _tlora_file(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from tlora_diffusers.io import TLoRAFileMetadata, save_tlora
+
+    donor = make()
+    return save_tlora(tmp_path / "t", get_peft_model_state_dict(donor.unet), TLoRAFileMetadata(TLoRAConfig(8, 1)),
+                      donor.unet.peft_config["default"].to_dict()), donor
+
+
+def _lycoris_file(tmp_path, pipe):
+    """A LyCORIS tlora file for the tiny SDXL UNet (its base is rebuilt from the weights: the hard case)."""
+    from test_io_lycoris import train_lycoris
+
+    return train_lycoris("sdxl", tmp_path / "lyco.safetensors")[1]
+
+
+@pytest.mark.parametrize("how", ["model", "sequential_unet", "group_block"])
+@pytest.mark.parametrize("fmt", ["ours", "lycoris"])
+@torch.no_grad()
+def test_load_tlora_into_an_offloaded_pipeline(tmp_path, how, fmt):
+    from tlora_diffusers import load_tlora
+
+    pipe = tiny_pipeline("sdxl", text_encoders=True)
+    path = _tlora_file(tmp_path)[0] if fmt == "ours" else _lycoris_file(tmp_path, pipe)
+    ref = tiny_pipeline("sdxl", text_encoders=True)
+    load_tlora(ref, path)
+    with TLoRAPatch(ref):
+        expected = run(ref)
+    offload(pipe, how)
+    info = load_tlora(pipe, path)  # diffusers' offloading is turned off for the load and back on after
+    assert info.adapter_name == "tlora"
+    assert hasattr(pipe.unet, "_diffusers_hook" if how.startswith("group") else "_hf_hook")  # offloaded again
+    with TLoRAPatch(pipe):
+        np.testing.assert_allclose(run(pipe), expected, atol=1e-5)

@@ -1,8 +1,11 @@
-"""The offline demo: train a T-LoRA on one generated image and compare masked, unmasked and base.
+"""The offline demo: teach the shipped scenes model a shape it has never seen, with a LoRA and a T-LoRA.
 
-Everything runs locally: a small SDXL-style pipeline is built from configs (or read from
-``model``), trained on one generated concept image, saved, loaded back into the *stock*
-pipeline with ``load_lora_weights``, and sampled three ways with the same seeds.
+Both are trained by :func:`tlora_diffusers.training.train` on one generated image (a striped
+novel shape at the top left of a white background) with the prompt "a sks shape", loaded
+back into the stock pipeline with ``load_lora_weights``, and sampled on prompts that keep
+or change the context. A T-LoRA should keep the concept while following the new background
+or position; a LoRA of the same rank tends to copy its training image. The evaluator reads
+back what each sample shows (IS: concept similarity, TS: prompt following).
 """
 
 from __future__ import annotations
@@ -10,122 +13,129 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Union
 
-import numpy as np
 import torch
 
-__all__ = ["run_demo", "concept_image"]
+__all__ = ["run_demo", "DEMO_PROMPTS", "LOOK_FOR"]
 
-PROMPTS = ("a photo of sks ball", "a painting of a sks ball")
+DEMO_PROMPTS = (
+    "a sks shape",
+    "a sks shape on a blue background",
+    "a sks shape on a black background",
+    "a sks shape at the bottom right",
+    "a sks shape in the center",
+)
+LOOK_FOR = (
+    "Every row is the same seeds. Column 1 is the training image. Look at the context columns: the LoRA row tends "
+    "to copy the white background and the top-left position of its training image, while the T-LoRA (masked) row "
+    "keeps the concept and follows the prompt. The unmasked row is the same T-LoRA file run at full rank at every "
+    "step: what a T-LoRA looks like without tlora_diffusers. The base row never saw the concept."
+)
+METRICS = {
+    "IS": "concept similarity to the training image (evaluator features of shape, colour, texture; higher = more "
+          "of the concept)",
+    "TS": "prompt following: share of context prompts whose new background or position the sample shows",
+    "copy_rate": "share of context samples that kept the training image's background or position (memorisation)",
+    "concept": "share of samples showing the concept's shape, colour and texture",
+}
 
 
-def concept_image(size: int = 64):
-    """A red ball with a highlight on a blue-green background: the 'sks ball' concept."""
-    from PIL import Image, ImageDraw
+def _train(out: Path, image: Path, rank: int, min_rank: int, steps: int, lr: float, seed: int, progress: bool) -> Any:
+    from .scenes import PIPELINE
+    from .training import TrainConfig, train
 
-    img = Image.new("RGB", (size, size), (40, 110, 140))
-    draw = ImageDraw.Draw(img)
-    m = size // 6
-    draw.ellipse((m, m, size - m, size - m), fill=(210, 40, 35))
-    h = size // 3
-    draw.ellipse((h, h, h + size // 8, h + size // 8), fill=(250, 200, 190))
-    return img
-
-
-def _saturation(images: Sequence[np.ndarray]) -> float:
-    """Mean HSV saturation in [0, 1]: over-saturated ('burnt') images score high."""
-    x = np.stack(images).astype(np.float64)
-    mx, mn = x.max(-1), x.min(-1)
-    return float(np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-8), 0).mean())
+    cfg = TrainConfig(model=str(PIPELINE), images=[str(image)], prompt="a sks shape", output_dir=str(out),
+                      resolution=32, steps=steps, learning_rate=lr, rank=rank, min_rank=min_rank, batch_size=4,
+                      seed=seed, overwrite=True, progress=progress)
+    return train(cfg)
 
 
 def run_demo(
     out_dir: Union[str, Path] = "tlora-demo",
     *,
-    model: Optional[Union[str, Path]] = None,
-    steps: int = 200,
+    steps: int = 300,
     rank: int = 8,
-    min_rank: int = 1,
-    alpha: float = 1.0,
-    learning_rate: float = 5e-3,
-    resolution: int = 64,
-    sample_steps: int = 25,
-    prompts: Sequence[str] = PROMPTS,
+    learning_rate: float = 3e-4,
     seed: int = 0,
+    samples: int = 2,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns (and writes as ``summary.json``) what it did and where files went."""
-    from diffusers import DiffusionPipeline
+    """Run the whole demo; returns (and writes as ``summary.json``) what it did, measured and wrote."""
+    from PIL import Image
 
-    from .config import TLoRAConfig
-    from .patch import TLoRAPatch
-    from .plot import image_grid, rank_schedule_figure, save_figure
-    from .tiny import save_tiny_pipeline
-    from .training import TrainConfig, train
+    from . import TLoRAPatch
+    from .plot import labelled_grid
+    from .scenes import PIPELINE, load_evaluator, load_pipeline, render
+    from .scenes.evaluate import GUIDANCE, STEPS, concept_scene, customization_metrics, customization_prompts, generate
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model = out / "model"
-        if not (model / "model_index.json").is_file():
-            save_tiny_pipeline("sdxl", model, seed=seed)
-    model = Path(model)
-    concept = out / "concept.png"
-    concept_image(resolution).save(concept)
+    concept = concept_scene(seed)
+    image_path = out / "training-image.png"
+    training_image = Image.fromarray(render(concept))
+    training_image.save(image_path)
+    trained = {}
+    for name, min_rank in (("lora", rank), ("tlora", max(1, rank // 2))):
+        t_train = time.perf_counter()
+        result = _train(out / name, image_path, rank, min_rank, steps, learning_rate, seed, progress)
+        trained[name] = {"file": str(result.output_file), "min_rank": min_rank,
+                         "seconds": round(time.perf_counter() - t_train, 1)}
 
-    cfg = TrainConfig(model=str(model), images=[str(concept)], prompt=prompts[0], output_dir=str(out / "tlora"),
-                      resolution=resolution, steps=steps, learning_rate=learning_rate, rank=rank, min_rank=min_rank,
-                      alpha=alpha, seed=seed, overwrite=True, progress=progress)
-    t_train = time.perf_counter()
-    result = train(cfg)
-    train_seconds = time.perf_counter() - t_train
+    pipe, evaluator = load_pipeline(), load_evaluator()
+    items = customization_prompts(concept, samples)
+    metric_prompts = [it["prompt"] for it in items]
+    rows, metrics = {}, {}
 
-    pipe = DiffusionPipeline.from_pretrained(str(model))
-    pipe.set_progress_bar_config(disable=not progress, desc="sampling")
+    def sample(label: str, lora: Any, masked: bool) -> None:
+        if lora is not None:
+            pipe.load_lora_weights(lora, adapter_name="demo")  # stock diffusers
+        try:
+            def draw(prompts: Any, base_seed: int) -> torch.Tensor:
+                if masked:
+                    with TLoRAPatch(pipe):  # the schedule comes from the file
+                        return generate(pipe, prompts, base_seed)
+                return generate(pipe, prompts, base_seed)
 
-    def sample() -> list[np.ndarray]:
-        return [pipe(prompt=p, num_inference_steps=sample_steps, height=resolution, width=resolution,
-                     output_type="np", generator=torch.Generator().manual_seed(seed + i)).images[0]
-                for i, p in enumerate(prompts)]
+            rows[label] = draw(list(DEMO_PROMPTS), 1000 + seed)
+            metrics[label] = customization_metrics(evaluator, draw(metric_prompts, 2000 + seed), items, concept)
+        finally:
+            if lora is not None:
+                pipe.delete_adapters("demo")
 
     t_sample = time.perf_counter()
-    with torch.no_grad():
-        base = sample()
-        pipe.load_lora_weights(str(out / "tlora"))  # stock diffusers
-        unmasked = sample()  # the LoRA at full rank on every step: what a T-LoRA without its mask does
-        with TLoRAPatch(pipe) as patch:  # the config comes from the file
-            masked = sample()
+    sample("LoRA", trained["lora"]["file"], masked=False)
+    sample("T-LoRA, masked", trained["tlora"]["file"], masked=True)
+    sample("T-LoRA, no mask", trained["tlora"]["file"], masked=False)
+    sample("base model", None, masked=False)
     sample_seconds = time.perf_counter() - t_sample
 
     to_pil = pipe.image_processor.numpy_to_pil
-    rows = [("T-LoRA, masked", masked), ("same LoRA, no mask", unmasked), ("base model", base)]
-    tiles, labels = [], []
-    for name, images in rows:
-        tiles += [im.resize((192, 192)) for im in to_pil(np.stack(images))]
-        labels += [f"{name} #{i + 1}" for i in range(len(prompts))]
-    grid = image_grid(tiles, labels, cols=len(prompts))
+    grid_rows = [[training_image] + to_pil(images.permute(0, 2, 3, 1).numpy()) for images in rows.values()]
+    row_labels = [f"{label}\nIS {metrics[label]['IS']:.2f} TS {metrics[label]['TS']:.2f}" for label in rows]
+    grid = labelled_grid(grid_rows, row_labels=row_labels, col_labels=["training image", *DEMO_PROMPTS],
+                         min_cell=128, title=f"concept: {concept.colour} striped {concept.shape} (never seen by the "
+                                             f"base), rank {rank}, {steps} steps")
     grid_path = out / "grid.png"
     grid.save(grid_path)
-    schedule_path = save_figure(
-        rank_schedule_figure(patch.config, sampling_timesteps=pipe.scheduler.timesteps.tolist(),
-                             title="T-LoRA active rank per timestep"), out / "schedule.png")
-
-    summary = {
-        "output_dir": str(out),
-        "model": str(model),
-        "config": patch.config.to_dict(),
-        "train": {"steps": steps, "learning_rate": learning_rate, "seconds": round(train_seconds, 2),
-                  "loss_curve": [round(v, 5) for v in result.losses],
-                  "probe_loss_start": result.probe_loss_start, "probe_loss_end": result.probe_loss_end},
-        "sampling": {"prompts": list(prompts), "steps": sample_steps, "seconds": round(sample_seconds, 2),
-                     "timesteps": pipe.scheduler.timesteps.tolist()},
-        "saturation": {"masked": _saturation(masked), "unmasked": _saturation(unmasked), "base": _saturation(base)},
-        "mean_abs_difference_masked_vs_unmasked": float(np.abs(np.stack(masked) - np.stack(unmasked)).mean()),
-        "files": {"concept": str(concept), "lora": str(result.output_file), "grid": str(grid_path),
-                  "schedule": str(schedule_path), "summary": str(out / "summary.json")},
-        "seconds": round(time.perf_counter() - t0, 2),
+    files = {"training_image": str(image_path), "grid": str(grid_path), "lora": trained["lora"]["file"],
+             "tlora": trained["tlora"]["file"], "pipeline": str(PIPELINE), "summary": str(out / "summary.json")}
+    commands = {
+        "generate": (f"tlora-diffusers generate --model {PIPELINE} --lora {trained['tlora']['file']} --prompt "
+                     f"\"a sks shape on a blue background\" --steps {STEPS} --guidance {GUIDANCE} --width 32 "
+                     "--height 32 --num-images 4 --no-mask --grid"),
+        "inspect": f"tlora-diffusers inspect {trained['tlora']['file']}",
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {
+        "output_dir": str(out), "concept": concept.__dict__, "rank": rank, "steps": steps, "learning_rate": learning_rate,
+        "seed": seed, "prompts": list(DEMO_PROMPTS), "look_for": LOOK_FOR, "metric_meanings": METRICS,
+        "metrics": metrics, "trained": trained, "files": files, "commands": commands,
+        "sampling": {"steps": STEPS, "guidance": GUIDANCE, "seconds": round(sample_seconds, 1),
+                     "metric_samples_per_row": len(items)},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
     return summary

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..config import TLoRAConfig
 from .format import COMPONENT_PREFIXES, WEIGHT_NAME, TLoRAFileMetadata, peft_metadata, read_safetensors_metadata
-from . import _offload
+from ._offload import offloading_disabled
 from .formats import ConvertedTLoRA, detect_format
 
 __all__ = ["LoadedTLoRA", "read_tlora", "load_tlora", "load_converted", "resolve_path", "read_tensors", "denoiser_of", "check_modules",
@@ -220,7 +220,7 @@ def load_tlora(
     """
     path = resolve_path(_from_hub(path, options))
     pipe = None if isinstance(target, nn.Module) else target
-    with _offload.offloading_disabled(pipe):
+    with offloading_disabled(pipe):
         tensors, metadata = read_tensors(path)
         fmt = detect_format(list(tensors), metadata, path)
         if component is None and pipe is not None and _file_component(tensors) in vars(pipe):
@@ -241,7 +241,7 @@ def load_converted(target: Any, converted: ConvertedTLoRA, path: Union[str, Path
     pipe = None if isinstance(target, nn.Module) else target
     if component is None and pipe is not None and converted.meta.component in vars(pipe):
         component = converted.meta.component
-    with _offload.offloading_disabled(pipe):
+    with offloading_disabled(pipe):
         return _load(denoiser_of(target, component), converted, Path(path), adapter_name)
 
 

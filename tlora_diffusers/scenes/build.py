@@ -159,11 +159,12 @@ def _save_state(path: Path, step: int, modules: dict[str, torch.nn.Module], opt:
     os.replace(tmp, path)
 
 
-def _pipeline(vae, text_encoder, tokenizer, unet) -> Any:
+def _pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=build_scheduler("ddim"),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=build_scheduler("ddim", prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -186,7 +187,13 @@ def _encoded_dataset(vae, seed: int, size: int) -> tuple[list, torch.Tensor, tor
 
 
 def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr: float,
-               dataset_size: int = 100_000) -> None:
+               dataset_size: int = 100_000, prediction_type: str = "epsilon", init_from: Optional[Path] = None,
+               stop_after: Optional[int] = None, checkpoint_name: str = "base_checkpoint.pt") -> None:
+    """Text encoder + UNet, DDPM loss with ``prediction_type`` targets, EMA weights saved.
+
+    ``init_from``: start from the EMA weights of another run's checkpoint (a fresh optimizer and
+    schedule). ``stop_after``: end after that many steps (checkpointed), as if interrupted.
+    """
     from diffusers import AutoencoderKL
 
     from .evaluate import load_evaluator, prompt_following
@@ -205,8 +212,14 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
     sched = build_scheduler("ddpm")
     alphas = sched.alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
-    ckpt = out / "base_checkpoint.pt"
+    ckpt = out / checkpoint_name
     start = 0
+    if init_from is not None and not ckpt.is_file():
+        warm = torch.load(init_from, map_location="cpu", weights_only=True)["modules"]
+        for k in live:
+            live[k].load_state_dict(warm["ema_" + k])
+            ema[k].load_state_dict(warm["ema_" + k])
+        _log(out, stage="base", warm_start=str(init_from), prediction_type=prediction_type)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k, m in live.items():
@@ -238,10 +251,11 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
         a = alphas[t].sqrt()[:, None, None, None]
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         noisy = a * latents + s * noise
+        target = a * noise - s * latents if prediction_type == "v_prediction" else noise
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cond = text_encoder(ids).last_hidden_state
             pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -258,11 +272,14 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             modules = {**live, **{"ema_" + k: m for k, m in ema.items()}}
             _save_state(ckpt, step + 1, modules, opt, {"generator": gen.get_state()})
-            pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"])
+            pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type)
             result = prompt_following(pipe, evaluator, n=256, seed=1234)
             _log(out, stage="base", step=step + 1, eval=result)
             t0 = time.perf_counter()
-    pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"])
+        if stop_after is not None and step + 1 >= stop_after:
+            _log(out, stage="base", stopped_after=step + 1)
+            return
+    pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type)
     pipe.unet.to(torch.float16)
     pipe.vae.to(torch.float16)
     pipe.save_pretrained(out / "pipeline")
@@ -293,6 +310,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dataset-size", type=int, default=100_000, help="base-stage scenes, VAE-encoded once")
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--eval-every", type=int, default=2000)
+    parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--init-from", default=None, help="warm start: a base checkpoint's EMA weights")
+    parser.add_argument("--stop-after", type=int, default=None, help="end the base stage after N steps")
+    parser.add_argument("--checkpoint-name", default="base_checkpoint.pt")
     parser.add_argument("--force", action="append", default=[], choices=["evaluator", "vae", "base"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -305,7 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(out / "pipeline" / "vae", ignore_errors=True)
         train_vae(out, args.vae_steps, args.seed)
     if "base" in args.force or not (out / "pipeline" / "model_index.json").is_file():
-        train_base(out, args.base_steps, args.seed, args.batch, args.eval_every, args.lr, args.dataset_size)
+        train_base(out, args.base_steps, args.seed, args.batch, args.eval_every, args.lr, args.dataset_size,
+                   args.prediction_type, Path(args.init_from) if args.init_from else None, args.stop_after,
+                   args.checkpoint_name)
+        if args.stop_after is not None and not (out / "pipeline" / "model_index.json").is_file():
+            return 0
     write_checksums(out)
     return 0
 

@@ -12,7 +12,8 @@ import torch
 from .data import ATTRIBUTES, BASE_SHAPES, Scene, render, sample_scene, scene_words
 from .models import SceneEvaluator
 
-__all__ = ["load_evaluator", "generate", "classify", "prompt_following", "to_model_input", "GUIDANCE", "STEPS"]
+__all__ = ["load_evaluator", "generate", "classify", "prompt_following", "to_model_input", "rendered", "GUIDANCE", "STEPS",
+           "SUBJECT", "concept_scene", "customization_prompts", "customization_metrics", "saturation"]
 
 #: Sampling defaults of the scenes pipeline (DDIM, trailing spacing).
 GUIDANCE = 4.0
@@ -85,3 +86,85 @@ def prompt_following(pipe: Any, evaluator: SceneEvaluator, n: int = 256, seed: i
 def rendered(scenes: Sequence[Scene]) -> torch.Tensor:
     """Renders of ``scenes`` as ``(N, 3, 32, 32)`` in [0, 1] (the format :func:`generate` returns)."""
     return torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+
+
+# -- single-image customisation: the paper's metrics, measured with the evaluator -------------------
+
+#: The DreamBooth-style subject of a customisation prompt ("a sks shape ...").
+SUBJECT = "sks shape"
+
+
+def concept_scene(seed: int) -> Scene:
+    """The concept of experiment seed ``seed``: a novel shape the base never saw, in a fixed training context."""
+    from .data import COLOURS, NOVEL_SHAPES
+
+    rng = random.Random(seed)
+    shape = NOVEL_SHAPES[seed % len(NOVEL_SHAPES)]
+    colour = rng.choice([c for c in COLOURS if c != "blue"])
+    return Scene(shape=shape, colour=colour, texture="striped", size="large", position="top left",
+                 background="white")
+
+
+def customization_prompts(concept: Scene, samples: int = 4) -> list[dict]:
+    """The training prompt, and prompts that change the context (background, position) of the concept.
+
+    Each item: ``prompt``, ``changed`` (the attribute the prompt asks for, or ``None``), ``value``.
+    """
+    from .data import BACKGROUNDS, POSITIONS
+
+    items = [{"prompt": f"a {SUBJECT}", "changed": None, "value": None}]
+    for bg in BACKGROUNDS:
+        if bg not in (concept.background, concept.colour):
+            items.append({"prompt": f"a {SUBJECT} on a {bg} background", "changed": "background", "value": bg})
+    for pos in POSITIONS:
+        if pos != concept.position:
+            words = "in the center" if pos == "center" else f"at the {pos}"
+            items.append({"prompt": f"a {SUBJECT} {words}", "changed": "position", "value": pos})
+    return [dict(item, sample=i) for item in items for i in range(samples)]
+
+
+@torch.no_grad()
+def customization_metrics(evaluator: SceneEvaluator, images: torch.Tensor, items: Sequence[dict],
+                          concept: Scene) -> dict[str, float]:
+    """IS, TS, memorisation and diversity of samples ``images`` ([0, 1]) drawn for ``items``.
+
+    * ``IS``: mean cosine similarity of the evaluator's concept embedding (shape, colour and
+      texture heads) between each sample and the training image (the paper's CLIP-I/DINO role);
+    * ``TS``: accuracy of the attribute each context prompt changes (its CLIP-T role);
+    * ``copy_rate``: share of context samples that kept the training image's value of the
+      attribute they were asked to change (memorisation of the context);
+    * ``distance``: mean pixel MSE to the training image (lower: closer to a copy);
+    * ``diversity``: mean pairwise pixel MSE between samples of the same prompt;
+    * ``concept``: share of samples whose shape, colour and texture all match the concept.
+    """
+    train = rendered([concept])
+    x = to_model_input(images)
+    emb = evaluator.concept_embedding(x)
+    ref = evaluator.concept_embedding(to_model_input(train))
+    sims = (emb @ ref.T).squeeze(-1)
+    logits = evaluator(x)
+    pred = {a: v.argmax(-1) for a, v in logits.items()}
+    labels = concept.labels()
+    context = [i for i, it in enumerate(items) if it["changed"]]
+    hits = [int(pred[items[i]["changed"]][i]) == ATTRIBUTES[items[i]["changed"]].index(items[i]["value"]) for i in context]
+    copies = [int(pred[items[i]["changed"]][i]) == labels[items[i]["changed"]] for i in context]
+    concept_ok = [(int(pred["shape"][i]) == labels["shape"] and int(pred["colour"][i]) == labels["colour"]
+                   and int(pred["texture"][i]) == labels["texture"]) for i in range(len(items))]
+    distance = ((images - train) ** 2).mean(dim=(1, 2, 3))
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it["prompt"], []).append(i)
+    pairs = []
+    for idx in groups.values():
+        flat = images[idx].reshape(len(idx), -1)
+        d = torch.cdist(flat, flat) ** 2 / flat.shape[1]
+        pairs += d[torch.triu_indices(len(idx), len(idx), 1).unbind()].tolist()
+    return {"IS": float(sims.mean()), "TS": float(np.mean(hits)), "copy_rate": float(np.mean(copies)),
+            "distance": float(distance.mean()), "diversity": float(np.mean(pairs)) if pairs else 0.0,
+            "concept": float(np.mean(concept_ok)), "n": len(items)}
+
+
+def saturation(images: torch.Tensor) -> float:
+    """Mean HSV saturation of images in [0, 1]: over-saturated ("burnt") samples score high."""
+    mx, mn = images.amax(dim=1), images.amin(dim=1)
+    return float(torch.where(mx > 0, (mx - mn) / mx.clamp_min(1e-8), torch.zeros_like(mx)).mean())

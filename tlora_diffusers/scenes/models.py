@@ -69,12 +69,12 @@ def build_vae(scaling_factor: float = 1.0) -> nn.Module:
     )
 
 
-def build_scheduler(kind: str = "ddim") -> Any:
+def build_scheduler(kind: str = "ddim", prediction_type: str = "epsilon") -> Any:
     """SD's scaled-linear DDPM betas; ``ddim`` (trailing spacing, the pipeline's sampler) or ``ddpm`` (training)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                  prediction_type="epsilon", clip_sample=False)
+                  prediction_type=prediction_type, clip_sample=False)
     if kind == "ddpm":
         return DDPMScheduler(**common)
     if kind == "ddim":
