@@ -75,7 +75,12 @@ _NOISE = (
     r".*requires torchvision",  # transformers' image processors, on import
     r".*No LoRA keys associated to",  # diffusers, when a LoRA file has no text-encoder part
     r".*should be kept in float32",  # diffusers, on a dtype cast
+    r".*upcast_vae",  # diffusers' own internal deprecation inside its pipelines
+    r".*register_constant\(\) on Enum",  # torch, when torchao registers its enums
+    r".*dtype=torch.float16. cannot run with .cpu.",  # diffusers; the command line says it once, itself
 )
+#: Loggers of optional packages that print on import (torchao's kernel libraries, torch's pytree notes).
+_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "torch._inductor")
 
 
 class _Once(logging.Filter):
@@ -116,8 +121,14 @@ def quiet_libraries(verbose: bool) -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "accelerate", "peft")]
     for logger in loggers:
         logger.addFilter(once)
+    quiet = [logging.getLogger(name) for name in _IMPORT_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        warnings.simplefilter("once")  # first, so the ignore filters below take precedence
+        warnings.simplefilter("ignore", DeprecationWarning)  # about libraries' internals, not for a user
+        warnings.simplefilter("once", UserWarning)  # a message repeated from many places: shown once
+        warnings.simplefilter("once", FutureWarning)
         for pattern in _NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         try:
@@ -125,6 +136,8 @@ def quiet_libraries(verbose: bool) -> Iterator[None]:
         finally:
             for logger in loggers:
                 logger.removeFilter(once)
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
             dlog.set_verbosity(saved_d[0])
             tlog.set_verbosity(saved_t[0])
             (dlog.enable_progress_bar if saved_d[1] else dlog.disable_progress_bar)()

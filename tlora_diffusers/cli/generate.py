@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt")
     prompts.add_argument("--prompts", metavar="FILE", help="many prompts: text or JSONL, one per line")
-    p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt (pipelines with CFG)")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="negative prompt, for pipelines with CFG (default: none)")
     p.add_argument("--steps", type=positive_int, default=25, metavar="N", help="sampling steps (default: 25)")
     p.add_argument("--guidance", type=float, metavar="G", help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=non_negative_int, default=0,

@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from typing import Optional, Sequence
 
 from .. import __version__
@@ -80,8 +81,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors: argparse already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    from ._common import quiet_libraries
+
+    saved = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
-        return int(args.run(args) or 0)
+        with quiet_libraries(args.verbose):
+            return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -93,6 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = saved
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=file or sys.stderr)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,0 +1,176 @@
+"""The front door as a new user meets it: what the CLI reaches, how it words errors, help, quiet output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_io_lycoris import SIMPLETUNER_CONFIG, train_lycoris
+
+from tlora_diffusers import TLoRAConfig, load_tlora
+from tlora_diffusers.cli import main
+from tlora_diffusers.cli.main import COMMANDS, build_parser
+from tlora_diffusers.tiny import save_tiny_pipeline, tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("front")
+    model = save_tiny_pipeline("sdxl", root / "model")
+    bare = train_lycoris("sdxl", root / "bare.safetensors", metadata={})[1]  # no lycoris_config header
+    (root / "lycoris_config.json").write_text(json.dumps(SIMPLETUNER_CONFIG))
+    Image.new("RGB", (32, 32), "red").save(root / "concept.png")
+    return root, model, bare
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error(code, err):
+    lines = [line for line in err.splitlines() if line.startswith("tlora-diffusers: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_lycoris_file_without_its_header_converts_and_generates_with_min_rank_and_alpha_alone(capsys, work, tmp_path):
+    root, model, bare = work
+    code, out, err = cli(capsys, "convert", bare, tmp_path / "c", "--model", model, "--min-rank", 2, "--alpha", 1.5)
+    assert code == 0, err
+    assert load_tlora(tiny_pipeline("sdxl"), tmp_path / "c").config == TLoRAConfig(8, 2, 1.5, layout="paired")
+    code, _, err = cli(capsys, "generate", "--model", model, "--lora", bare, "--min-rank", 2, "--alpha", 1.5,
+                       "--prompt", "a sks dog", "--steps", 2, "--out", tmp_path / "g", "-q")
+    assert code == 0, err
+    with Image.open(next((tmp_path / "g").glob("*.png"))) as im:
+        cfg = json.loads(im.text["tlora_config"])
+    assert (cfg["max_rank"], cfg["min_rank"], cfg["alpha"], cfg["layout"]) == (8, 2, 1.5, "paired")
+    code, _, err = cli(capsys, "convert", bare, tmp_path / "d.safetensors", "--model", model,
+                       "--lycoris-config", root / "lycoris_config.json")
+    assert code == 0, err
+    assert load_tlora(tiny_pipeline("sdxl"), tmp_path / "d.safetensors").config.min_rank == 2
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["convert", "{bare}", "{tmp}/c"], "does not store its frozen base; it is rebuilt from the base model's weights, "
+                                       "so pass --model PATH"),
+    (["convert", "{bare}", "{tmp}/c", "--model", "{model}"], "carries no T-LoRA schedule: pass the one it was trained "
+                                                              "with, --min-rank M --alpha A"),
+    (["convert", "{bare}", "{tmp}/c", "--model", "{model}", "--max-rank", 16, "--min-rank", 2],
+     "--max-rank 16 does not fit {bare}: its rank is 8"),
+    (["inspect", "{root}/concept.png"], "concept.png: not a T-LoRA file (a PNG image)"),
+    (["convert", "{tmp}/c", "{root}/concept.png"], "concept.png: an existing file that is not .safetensors"),
+    (["generate", "--model", "{root}", "--lora", "{bare}", "--prompt", "x"], "not a diffusers pipeline folder"),
+])
+def test_errors_speak_the_command_lines_language(capsys, work, tmp_path, argv, fragment):
+    root, model, bare = work
+    if argv[0] == "convert" and argv[1] == "{tmp}/c":  # a valid source for the destination error
+        assert cli(capsys, "convert", bare, tmp_path / "c", "--model", model, "--min-rank", 2)[0] == 0
+    fill = lambda s: str(s).format(root=root, model=model, bare=bare, tmp=tmp_path)
+    line = one_error(*cli(capsys, *map(fill, argv))[::2])
+    assert fill(fragment) in line
+    assert "weights_only=False" not in line and "trusted environment" not in line and "cfg=" not in line
+
+
+def test_model_index_json_is_accepted_as_the_model(capsys, work, tmp_path):
+    root, model, bare = work
+    code, _, err = cli(capsys, "generate", "--model", Path(model) / "model_index.json", "--lora", bare, "--min-rank", 2,
+                       "--prompt", "x", "--steps", 1, "--out", tmp_path, "-q")
+    assert code == 0, err
+
+
+def test_python_dash_m_and_a_broken_pipe(work):
+    root, model, bare = work
+    version = subprocess.run([sys.executable, "-m", "tlora_diffusers", "--version"], env=ENV, capture_output=True,
+                             text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("tlora-diffusers ")
+    piped = subprocess.run(f'"{sys.executable}" -m tlora_diffusers inspect "{bare}" --json | head -1', shell=True,
+                           env=ENV, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and piped.stdout.strip() == "{"
+    assert "Broken pipe" not in piped.stderr and "error" not in piped.stderr
+
+
+def test_schedule_plot_without_a_suffix_says_the_file_it_wrote(capsys, tmp_path):
+    code, out, _ = cli(capsys, "schedule", "--max-rank", 8, "--plot", tmp_path / "noext")
+    assert code == 0 and out.strip().endswith(f"wrote {tmp_path / 'noext.png'}") and (tmp_path / "noext.png").is_file()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = build_parser(command)
+    sub = parser._subparsers._group_actions[0].choices[command]
+    help_text = sub.format_help()
+    assert "examples:" in help_text
+    required_choices = {a for g in sub._mutually_exclusive_groups if g.required for a in g._group_actions}
+    for action in sub._actions:
+        if not action.option_strings or action.dest in ("help", "verbose") or action in required_choices:
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        if action.nargs == 0 or action.required:  # flags and required options have no default to show
+            continue
+        shown = sub._get_formatter()._get_help_string(action)
+        assert "default" in shown, f"{command} {action.option_strings[0]}: help shows no default: {shown!r}"
+
+
+def test_top_level_help_and_version_import_no_command_module():
+    probe = ("import sys; from tlora_diffusers.cli import main; main(['--version']); "
+             "print(sorted(m for m in sys.modules if m.startswith(('torch', 'diffusers', 'tlora_diffusers.cli.'))))")
+    out = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("['tlora_diffusers.cli.main']"), out
+
+
+def test_grid_labels_wrap_instead_of_being_cut():
+    from PIL import ImageDraw, ImageFont
+
+    from tlora_diffusers.plot import _wrap, image_grid
+
+    tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    labels = ["seed 0, T-LoRA", "seed 0, unmasked (all ranks at every step)"]
+    grid = image_grid(tiles, labels, cols=2)
+    cell = 128  # 32 px upscaled to the minimum cell width
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
+    assert all(draw.textlength(line, font=font) <= cell for label in labels for line in _wrap(draw, label, font, cell))
+    assert grid.width >= 2 * cell and grid.height > cell
+
+
+def test_quiet_by_default_and_warnings_once(work, tmp_path):
+    root, model, bare = work
+    args = [sys.executable, "-m", "tlora_diffusers", "generate", "--model", str(model), "--lora", str(bare),
+            "--min-rank", "2", "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "q"), "-q", "--dtype", "float16"]
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    noise = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert not any(word in "\n".join(noise) for word in ("torchvision", "No LoRA keys", "kept in float32")), noise
+    assert sum("float16 on the CPU" in line for line in noise) == 1, noise
+    verbose = subprocess.run(args[:-2] + ["-v"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert verbose.returncode == 0
+
+
+def test_inspect_report_prints_readably(work):
+    from tlora_diffusers import inspect_tlora
+
+    root, model, bare = work
+    report = inspect_tlora(bare)
+    text = str(report)
+    assert text.splitlines()[0].startswith("path: ") and "needs: denoiser, cfg" in text and "{" not in text
+    assert report["format"] == "lycoris" and json.loads(json.dumps(report))["rank"] == 8
+
+
+def test_app_errors_name_the_model_folder(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tlora_space_app", ROOT / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    with pytest.raises(ValueError, match="model folder /nonexistent: no such folder"):
+        app.get_pipeline("/nonexistent")
