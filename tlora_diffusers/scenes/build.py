@@ -159,12 +159,13 @@ def _save_state(path: Path, step: int, modules: dict[str, torch.nn.Module], opt:
     os.replace(tmp, path)
 
 
-def _pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> Any:
+def _pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon",
+              zero_terminal_snr: bool = False) -> Any:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=build_scheduler("ddim", prediction_type),
+        scheduler=build_scheduler("ddim", prediction_type, zero_terminal_snr),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -188,7 +189,8 @@ def _encoded_dataset(vae, seed: int, size: int) -> tuple[list, torch.Tensor, tor
 
 def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr: float,
                dataset_size: int = 100_000, prediction_type: str = "epsilon", init_from: Optional[Path] = None,
-               stop_after: Optional[int] = None, checkpoint_name: str = "base_checkpoint.pt") -> None:
+               stop_after: Optional[int] = None, checkpoint_name: str = "base_checkpoint.pt",
+               zero_terminal_snr: bool = False) -> None:
     """Text encoder + UNet, DDPM loss with ``prediction_type`` targets, EMA weights saved.
 
     ``init_from``: start from the EMA weights of another run's checkpoint (a fresh optimizer and
@@ -209,7 +211,7 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
     live = {"text_encoder": text_encoder, "unet": unet}
     params = [p for m in live.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = build_scheduler("ddpm")
+    sched = build_scheduler("ddpm", prediction_type, zero_terminal_snr)
     alphas = sched.alphas_cumprod
     gen = torch.Generator().manual_seed(seed)
     ckpt = out / checkpoint_name
@@ -219,7 +221,8 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
         for k in live:
             live[k].load_state_dict(warm["ema_" + k])
             ema[k].load_state_dict(warm["ema_" + k])
-        _log(out, stage="base", warm_start=str(init_from), prediction_type=prediction_type)
+        _log(out, stage="base", warm_start=str(init_from), prediction_type=prediction_type,
+             zero_terminal_snr=zero_terminal_snr)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k, m in live.items():
@@ -272,14 +275,14 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             modules = {**live, **{"ema_" + k: m for k, m in ema.items()}}
             _save_state(ckpt, step + 1, modules, opt, {"generator": gen.get_state()})
-            pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type)
+            pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type, zero_terminal_snr)
             result = prompt_following(pipe, evaluator, n=256, seed=1234)
             _log(out, stage="base", step=step + 1, eval=result)
             t0 = time.perf_counter()
         if stop_after is not None and step + 1 >= stop_after:
             _log(out, stage="base", stopped_after=step + 1)
             return
-    pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type)
+    pipe = _pipeline(vae, ema["text_encoder"], tokenizer, ema["unet"], prediction_type, zero_terminal_snr)
     pipe.unet.to(torch.float16)
     pipe.vae.to(torch.float16)
     pipe.save_pretrained(out / "pipeline")
@@ -311,6 +314,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--eval-every", type=int, default=2000)
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--zero-terminal-snr", action="store_true",
+                        help="rescale the betas so t=999 is pure noise (needs --prediction-type v_prediction)")
     parser.add_argument("--init-from", default=None, help="warm start: a base checkpoint's EMA weights")
     parser.add_argument("--stop-after", type=int, default=None, help="end the base stage after N steps")
     parser.add_argument("--checkpoint-name", default="base_checkpoint.pt")
@@ -328,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "base" in args.force or not (out / "pipeline" / "model_index.json").is_file():
         train_base(out, args.base_steps, args.seed, args.batch, args.eval_every, args.lr, args.dataset_size,
                    args.prediction_type, Path(args.init_from) if args.init_from else None, args.stop_after,
-                   args.checkpoint_name)
+                   args.checkpoint_name, args.zero_terminal_snr)
         if args.stop_after is not None and not (out / "pipeline" / "model_index.json").is_file():
             return 0
     write_checksums(out)
