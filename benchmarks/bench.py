@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                               tokens=(64, 256) if args.quick else (64, 256, 1024))]
     if "host" in parts:
         counts = (10, 100, 700) if args.quick else (10, 30, 100, 300, 700, 1000)
-        result["host"] = host.bench_host(counts, 8, 3, 60 if args.quick else 200)
+        result["host"] = host.bench_host(counts, 8, 6 if args.quick else 30, 10 if args.quick else 20)
     if "staleness" in parts:
         result["staleness"] = host.bench_staleness()
     if "fastpath" in parts:

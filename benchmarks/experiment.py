@@ -35,13 +35,12 @@ METHODS = ("lora", "tlora", "tlora_ortho")
 LABELS = {"lora": "LoRA", "tlora": "Vanilla T-LoRA", "tlora_ortho": "T-LoRA (ortho)"}
 
 
-def _config(method: str, rank: int, seed: int, image: Path, out: Path, steps: int, lr: float) -> Any:
-    from tlora_diffusers.scenes import PIPELINE
+def _config(method: str, rank: int, seed: int, image: Path, out: Path, steps: int, lr: float, model: Path) -> Any:
     from tlora_diffusers.training import TrainConfig
 
     min_rank = rank if method == "lora" else max(1, rank // 2)
     return TrainConfig(
-        model=str(PIPELINE), images=[str(image)], prompt="a sks shape", output_dir=str(out), resolution=32,
+        model=str(model), images=[str(image)], prompt="a sks shape", output_dir=str(out), resolution=32,
         steps=steps, learning_rate=lr, rank=rank, min_rank=min_rank, alpha=1.0,
         variant="ortho" if method == "tlora_ortho" else "vanilla", batch_size=4, seed=seed, progress=False,
         resume=out.exists(), keep_checkpoints=1,
@@ -64,7 +63,7 @@ def _sample(pipe: Any, lora: Path, items: list[dict], seed: int, masked: bool) -
 
 
 def run_one(method: str, rank: int, seed: int, checkpoints: list[int], lr: float, work: Path, pipe: Any,
-            evaluator: Any, samples: int) -> dict:
+            evaluator: Any, samples: int, model: Path) -> dict:
     """Train one method/rank/seed checkpoint by checkpoint; evaluate each checkpoint (and the last unmasked)."""
     from tlora_diffusers.scenes import render
     from tlora_diffusers.scenes.evaluate import concept_scene, customization_metrics, customization_prompts, saturation
@@ -80,7 +79,7 @@ def run_one(method: str, rank: int, seed: int, checkpoints: list[int], lr: float
     items = customization_prompts(concept, samples)
     curve = []
     for steps in checkpoints:
-        result = train(_config(method, rank, seed, image, out, steps, lr))
+        result = train(_config(method, rank, seed, image, out, steps, lr, model))
         images = _sample(pipe, result.output_file, items, 10_000 + seed, masked=method != "lora")
         metrics = customization_metrics(evaluator, images, items, concept)
         metrics.update(step=steps, saturation=saturation(images))
@@ -226,12 +225,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "bench-out"))
+    p.add_argument("--weights", default=None, help="a scenes weights folder (default: the shipped one)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     from tlora_diffusers.cli._common import quiet_libraries
-    from tlora_diffusers.scenes import load_evaluator, load_pipeline
+    from tlora_diffusers.scenes import WEIGHTS, load_evaluator, load_pipeline
 
     seeds = [0] if args.quick else list(range(args.seeds))
     ranks = [8] if args.quick else [int(r) for r in args.ranks.split(",")]
@@ -242,12 +242,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     started = time.perf_counter()
     rows = []
     with quiet_libraries(False):
-        pipe, evaluator = load_pipeline(), load_evaluator()
+        weights = Path(args.weights) if args.weights else WEIGHTS
+        pipe, evaluator = load_pipeline(weights / "pipeline"), load_evaluator(weights)
         for seed in seeds:
             for rank in ranks:
                 for method in METHODS:
                     t0 = time.perf_counter()
-                    rows.append(run_one(method, rank, seed, checkpoints, args.lr, work, pipe, evaluator, args.samples))
+                    rows.append(run_one(method, rank, seed, checkpoints, args.lr, work, pipe, evaluator, args.samples,
+                                        weights / "pipeline"))
                     last = rows[-1]["curve"][-1]
                     print(f"[experiment] seed {seed} rank {rank} {method}: IS {last['IS']:.3f} TS {last['TS']:.3f} "
                           f"copy {last['copy_rate']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)

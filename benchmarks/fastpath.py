@@ -73,7 +73,12 @@ def _terms(L: Layer, rank: int, delta_rank: float, b: int) -> dict[str, tuple[fl
 
 
 def roofline(layers: list[Layer], rank: int, steps: int, device: dict = H200, bytes_per_el: int = 2) -> dict:
-    """Predicted per-call time of base, mask path (base + branch) and fast path (base + merge + restore/steps)."""
+    """Predicted per-call time of base, mask path (base + branch) and fast path (base + merge + restore/steps).
+
+    ``base_ms`` is the adapted layers' own matmuls only: the whole call (attention, the layers
+    not adapted, convolutions, norms) is longer, so ``*_x_base`` overstates both paths' share
+    of a real call; ``*_extra_ms`` are what each adds in absolute terms.
+    """
     def seconds(flops: float, nbytes: float) -> float:
         return max(flops / device["flops"], nbytes / device["bandwidth"])
 
@@ -85,6 +90,7 @@ def roofline(layers: list[Layer], rank: int, steps: int, device: dict = H200, by
         totals["weight_bytes"] += L.count * L.d_in * L.d_out * bytes_per_el
     base = totals["base"]
     return {"device": device["name"], "rank": rank, "steps": steps, "base_ms": base * 1e3,
+            "mask_extra_ms": totals["branch"] * 1e3, "fast_extra_ms": (totals["merge"] + totals["restore"]) * 1e3,
             "mask_x_base": (base + totals["branch"]) / base,
             "fast_x_base": (base + totals["merge"] + totals["restore"]) / base,
             "fast_extra_memory_gib": totals["weight_bytes"] / 2**30}

@@ -42,7 +42,7 @@ def arr(image):
 @torch.no_grad()
 def test_generate_masked_unmasked_schedule_and_clean_pipeline(app, lora_file):
     masked, unmasked, schedule, info = app.generate(app.TINY_MODEL, lora_file, "a sks dog", steps=3, seed=1)
-    assert masked.size == unmasked.size == (64, 64)
+    assert masked.size == unmasked.size == (256, 256)  # 64x64, shown 4x larger (nearest neighbour)
     assert np.abs(arr(masked) - arr(unmasked)).max() > 0
     assert schedule.width > 300 and schedule.mode == "RGB"
     assert "max_rank 8, min_rank 2, alpha 1.5" in info and "my_tlora.safetensors" in info
@@ -61,7 +61,9 @@ def test_generate_masked_unmasked_schedule_and_clean_pipeline(app, lora_file):
     with TLoRAPatch(ref):
         expected = ref("a sks dog", num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images[0]
     unpatched = ref("a sks dog", num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images[0]
-    assert np.array_equal(arr(masked), arr(expected)) and np.array_equal(arr(unmasked), arr(unpatched))
+    assert np.array_equal(arr(masked), arr(app._display(expected)))
+    assert np.array_equal(arr(unmasked), arr(app._display(unpatched)))
+    assert np.array_equal(arr(masked)[::4, ::4], arr(expected))  # upscaling kept every pixel
 
 
 def test_concurrent_requests_match_sequential_ones(app, lora_file):
@@ -105,6 +107,17 @@ def test_user_errors(app, lora_file, kwargs, error, fragment):
     assert not getattr(app.get_pipeline(app.TINY_MODEL).unet, "peft_config", None)
 
 
+def test_the_default_is_the_shipped_scenes_model_with_its_example_tlora(app):
+    """What a visitor sees first: the scenes model and the example T-LoRA, masked differs from unmasked."""
+    assert app.EXAMPLE_TLORA.is_file(), "the example T-LoRA is shipped with the scenes weights"
+    masked, unmasked, _, info = app.generate(app.SCENES_MODEL, str(app.EXAMPLE_TLORA), "a sks shape on a blue background",
+                                             steps=8, seed=0, guidance=4.0)
+    assert masked.size == (256, 256)  # 32x32, shown 8x larger
+    assert "StableDiffusionPipeline" in info and "sks-shape-tlora.safetensors" in info
+    assert np.abs(arr(masked) - arr(unmasked)).max() > 0
+    assert not getattr(app.get_pipeline(app.SCENES_MODEL).unet, "peft_config", None)
+
+
 def test_tiny_tlora_file_loads_on_the_tiny_model(app):
     path = app.tiny_tlora_file(max_rank=4, min_rank=1, alpha=2.0)
     masked, unmasked, _, info = app.generate(app.TINY_MODEL, path, "a dog", steps=2, seed=0)
@@ -124,10 +137,12 @@ def test_the_page_serves_generate_over_http(app, lora_file, monkeypatch, tmp_pat
     try:
         client = Client(demo.local_url, verbose=False)
         masked, unmasked, schedule, info = client.predict(
-            True, "", handle_file(lora_file), "a sks dog", 2, 1, "", api_name="/generate"
+            app.TINY_MODEL, handle_file(lora_file), "a sks dog", 2, 1, "", 5.0, api_name="/generate"
         )
         assert all(Path(p).is_file() for p in (masked, unmasked, schedule)) and "max_rank 8" in info
         with pytest.raises(Exception, match="write a prompt"):  # gr.Error reaches the page as a message
-            client.predict(True, "", handle_file(lora_file), " ", 2, 1, "", api_name="/generate")
+            client.predict(app.TINY_MODEL, handle_file(lora_file), " ", 2, 1, "", 5.0, api_name="/generate")
+        model, example, prompt, guidance = client.predict(api_name="/example_tlora")
+        assert model == app.SCENES_MODEL and Path(example).name == app.EXAMPLE_TLORA.name and "sks shape" in prompt
     finally:
         demo.close()

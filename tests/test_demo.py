@@ -1,6 +1,7 @@
 """The demo and train commands end to end on the tiny model."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -8,21 +9,29 @@ from PIL import Image
 from tlora_diffusers.cli import main
 
 
-def test_demo_command_writes_grid_schedule_summary(tmp_path, capsys):
+def test_demo_command_on_the_shipped_model_writes_a_labelled_grid_and_summary(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--train-steps", "30", "--sample-steps", "4", "-q"]) == 0
+    assert main(["demo", "--out", str(out), "--train-steps", "4", "--threads", "1", "-q"]) == 0
     printed = capsys.readouterr().out
-    assert f"demo output folder: {out}" in printed
+    assert f"output folder: {out}" in printed and "what to look for:" in printed
+    for row in ("LoRA", "T-LoRA, masked", "T-LoRA, no mask", "base model"):
+        assert row in printed  # each row's IS / TS / copy is printed
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["max_rank"] == 8 and len(summary["train"]["loss_curve"]) == 30
-    assert summary["mean_abs_difference_masked_vs_unmasked"] > 0  # the mask changes the images
-    for key in ("grid", "schedule", "concept"):
-        with Image.open(summary["files"][key]) as im:
-            im.load()
-            assert im.width > 32 and im.height > 32
+    assert set(summary["metrics"]) == {"LoRA", "T-LoRA, masked", "T-LoRA, no mask", "base model"}
+    for m in summary["metrics"].values():
+        assert {"IS", "TS", "copy_rate", "distance", "diversity", "concept"} <= set(m)
+    assert set(summary["metric_meanings"]) >= {"IS", "TS", "copy_rate"}
+    assert summary["trained"]["lora"]["min_rank"] == summary["rank"] > summary["trained"]["tlora"]["min_rank"]
+    assert summary["commands"]["generate"].startswith("tlora-diffusers generate --model ")
+    assert summary["commands"]["inspect"].startswith("tlora-diffusers inspect ")
+    for key in ("lora", "tlora", "training_image", "grid"):
+        assert Path(summary["files"][key]).is_file()
+    assert Path(summary["files"]["pipeline"], "model_index.json").is_file()
     with Image.open(out / "grid.png") as grid:
-        assert grid.height > grid.width  # three labelled rows: masked, unmasked, base
-    assert (out / "tlora" / "pytorch_lora_weights.safetensors").is_file()
+        # 4 rows of 128-px cells + labels; 6 columns (the training image and 5 prompts)
+        assert grid.width > 6 * 128 and grid.height > 4 * 128
+    with Image.open(out / "training-image.png") as im:
+        assert im.size == (32, 32)
 
 
 def test_train_command_and_its_errors(tmp_path, capsys):

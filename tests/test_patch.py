@@ -51,6 +51,26 @@ def test_masked_unet_equals_truncated_lora(unet, t):
 
 
 @torch.no_grad()
+def test_memoised_masks_of_revisited_timesteps_equal_the_reference_and_stay_bounded(unet, monkeypatch):
+    """Masks of a shared timestep are memoised by value (a run's timesteps recur image after image): a revisited
+    timestep, after others, still gives the truncated LoRA's output, and the memo does not grow without bound."""
+    import tlora_diffusers._attach as attach
+
+    cfg = TLoRAConfig(8, 1, 1.0)
+    x = unet_inputs(unet)
+    expected = {t: truncated_copy(unet, reference_rank(t, 8, 1, 1.0))(timestep=t, **x).sample for t in (999, 0, 500)}
+    monkeypatch.setattr(attach, "_MASK_CACHE_SIZE", 4)
+    with TLoRAPatch(unet, cfg):
+        for t in (999, 0, 500, 999, 0, 500):
+            torch.testing.assert_close(unet(timestep=torch.tensor(float(t)), **x).sample, expected[t], rtol=0, atol=0)
+        for t in range(10, 20):
+            unet(timestep=torch.tensor(float(t)), **x)
+        part = attachment_of(unet).parts[0]
+        assert len(part._shared_masks) == 4
+        torch.testing.assert_close(unet(timestep=999, **x).sample, expected[999], rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_masked_flux_equals_truncated_lora():
     pipe = tiny_pipeline("flux")
     add_lora(pipe.transformer, "flux", rank=8)

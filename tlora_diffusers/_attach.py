@@ -36,6 +36,8 @@ __all__ = ["Attachment", "DenoiserPatch", "RunState", "CURRENT_RUN", "attachment
 #: dictionary (a value pointing back at its key would keep every patched model alive).
 ATTACHMENT_ATTR = "_tlora_attachment"
 _WATCHING: dict[type, type] = {}
+#: Distinct timesteps whose shared-timestep masks a patch keeps (a run of 1000 steps fits; oldest dropped first).
+_MASK_CACHE_SIZE = 1024
 
 
 def _watching_class(cls: type) -> type:
@@ -89,6 +91,7 @@ class DenoiserPatch:
         for site in sites:
             reps.setdefault(site.adapter, site)
         self._reps = list(reps.values())  # one layer per adapter: what the O(1) staleness check looks at
+        self._shared_masks: dict[tuple[float, int], dict[str, torch.Tensor]] = {}
 
     # -- masks ------------------------------------------------------------------------------
     def masks(self, t: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
@@ -99,6 +102,24 @@ class DenoiserPatch:
             pad = self.ranks[adapter] - mask.shape[-1]
             out[adapter] = torch.nn.functional.pad(mask, (0, pad)) if pad else mask
         return out
+
+    def shared_masks(self, t: torch.Tensor, T: int) -> dict[str, torch.Tensor]:
+        """:meth:`masks` of one timestep for the whole batch; on the CPU memoised by value.
+
+        A sampling run calls the denoiser with the same few timesteps again and again (CFG
+        halves, image after image): each distinct value is computed once by :meth:`masks`
+        (the cached tensors are only ever read). CUDA timesteps are not read on the host.
+        """
+        if t.device.type != "cpu" or t.requires_grad:
+            return self.masks(t, T)
+        key = (float(t), T)
+        hit = self._shared_masks.get(key)
+        if hit is None:
+            hit = self.masks(t, T)
+            if len(self._shared_masks) >= _MASK_CACHE_SIZE:
+                self._shared_masks.pop(next(iter(self._shared_masks)))
+            self._shared_masks[key] = hit
+        return hit
 
     # -- staleness, in microseconds ---------------------------------------------------------
     def _take_fingerprint(self) -> tuple:
@@ -139,6 +160,7 @@ class DenoiserPatch:
             self.stale[adapter] = reason
             return
         self.configs[adapter] = cfg
+        self._shared_masks.clear()
         self.stale.pop(adapter, None)
 
 
@@ -325,7 +347,7 @@ class Attachment:
         grad = torch.is_grad_enabled()
         weights = not grad and t.ndim < 2 and self._shared(t, raw, uniform) and self._weights_allowed()
         if weights:
-            masks = part.masks(t.reshape(-1)[0], T)
+            masks = part.shared_masks(t.reshape(-1)[0], T)
             call = None
         elif t.ndim == 2:  # one timestep per token
             sample = part.masks(t.amax(dim=1), T)

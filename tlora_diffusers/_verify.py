@@ -44,10 +44,16 @@ def check_range(t: torch.Tensor, raw: Any, T: int, where: str, convention: str) 
     (no host sync).
     """
     tol = tolerance(raw, T)
-    bad = (t < -tol) | (t > T + tol)
+    if t.device.type == "cpu" and t.numel() == 1 and not t.requires_grad:  # one value: read it, no tensor ops
+        value = float(t)
+        if value != value or -tol <= value <= T + tol:  # NaN: the schedule refuses it by name
+            return t if 0.0 <= value <= T else t.clamp(0.0, float(T))
+        bad = None
+    else:
+        bad = (t < -tol) | (t > T + tol)
     if t.device.type == "cpu":
-        if bool(bad.any()):
-            value = t[bad].reshape(-1)[0].item()
+        if bad is None or bool(bad.any()):
+            value = value if bad is None else t[bad].reshape(-1)[0].item()
             raise ValueError(
                 f"{where} received a timestep that converts ({convention}) to t={value:.6g}, outside [0, T={T}]: "
                 "the model family's timestep convention does not fit this call (or T is wrong); a T-LoRA "

@@ -41,11 +41,11 @@ METRICS = {
 }
 
 
-def _train(out: Path, image: Path, rank: int, min_rank: int, steps: int, lr: float, seed: int, progress: bool) -> Any:
-    from .scenes import PIPELINE
+def _train(model: Path, out: Path, image: Path, rank: int, min_rank: int, steps: int, lr: float, seed: int,
+           progress: bool) -> Any:
     from .training import TrainConfig, train
 
-    cfg = TrainConfig(model=str(PIPELINE), images=[str(image)], prompt="a sks shape", output_dir=str(out),
+    cfg = TrainConfig(model=str(model), images=[str(image)], prompt="a sks shape", output_dir=str(out),
                       resolution=32, steps=steps, learning_rate=lr, rank=rank, min_rank=min_rank, batch_size=4,
                       seed=seed, overwrite=True, progress=progress)
     return train(cfg)
@@ -60,16 +60,22 @@ def run_demo(
     seed: int = 0,
     samples: int = 2,
     progress: bool = True,
+    weights: Union[str, Path, None] = None,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns (and writes as ``summary.json``) what it did, measured and wrote."""
+    """Run the whole demo; returns (and writes as ``summary.json``) what it did, measured and wrote.
+
+    ``weights``: a scenes weights folder (``pipeline/`` and ``evaluator.safetensors``); default: the shipped one.
+    """
     from PIL import Image
 
     from . import TLoRAPatch
     from .plot import labelled_grid
-    from .scenes import PIPELINE, load_evaluator, load_pipeline, render
+    from .scenes import WEIGHTS, load_evaluator, load_pipeline, render
     from .scenes.evaluate import GUIDANCE, STEPS, concept_scene, customization_metrics, customization_prompts, generate
 
     t0 = time.perf_counter()
+    weights = Path(weights) if weights is not None else WEIGHTS
+    model = weights / "pipeline"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     concept = concept_scene(seed)
@@ -79,11 +85,11 @@ def run_demo(
     trained = {}
     for name, min_rank in (("lora", rank), ("tlora", max(1, rank // 2))):
         t_train = time.perf_counter()
-        result = _train(out / name, image_path, rank, min_rank, steps, learning_rate, seed, progress)
+        result = _train(model, out / name, image_path, rank, min_rank, steps, learning_rate, seed, progress)
         trained[name] = {"file": str(result.output_file), "min_rank": min_rank,
                          "seconds": round(time.perf_counter() - t_train, 1)}
 
-    pipe, evaluator = load_pipeline(), load_evaluator()
+    pipe, evaluator = load_pipeline(model), load_evaluator(weights)
     items = customization_prompts(concept, samples)
     metric_prompts = [it["prompt"] for it in items]
     rows, metrics = {}, {}
@@ -120,9 +126,9 @@ def run_demo(
     grid_path = out / "grid.png"
     grid.save(grid_path)
     files = {"training_image": str(image_path), "grid": str(grid_path), "lora": trained["lora"]["file"],
-             "tlora": trained["tlora"]["file"], "pipeline": str(PIPELINE), "summary": str(out / "summary.json")}
+             "tlora": trained["tlora"]["file"], "pipeline": str(model), "summary": str(out / "summary.json")}
     commands = {
-        "generate": (f"tlora-diffusers generate --model {PIPELINE} --lora {trained['tlora']['file']} --prompt "
+        "generate": (f"tlora-diffusers generate --model {model} --lora {trained['tlora']['file']} --prompt "
                      f"\"a sks shape on a blue background\" --steps {STEPS} --guidance {GUIDANCE} --width 32 "
                      "--height 32 --num-images 4 --no-mask --grid"),
         "inspect": f"tlora-diffusers inspect {trained['tlora']['file']}",

@@ -32,12 +32,15 @@ __all__ = ["PeftBackend", "WeightGroup", "lora_layers", "masked_classes"]
 class TLoRALinear(nn.Linear):
     """A PEFT ``lora_A`` Linear that applies the call's T-LoRA mask (see the module docstring)."""
 
+    # The parameters are read from ``_parameters`` (one dict lookup) instead of ``self.weight``
+    # (``nn.Module.__getattr__``, a Python call): this runs once per adapted layer per call.
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         slot = self.__dict__.get("_tlora_slot")  # None: a forward bound before remove() (offload hooks)
         mode = slot.mode if slot is not None else None
+        params = self._parameters
         if mode is WEIGHTS:
-            return F.linear(input, self._tlora_masked, self.bias)
-        out = F.linear(input, self.weight, self.bias)
+            return F.linear(input, self._tlora_masked, params["bias"])
+        out = F.linear(input, params["weight"], params["bias"])
         return out if mode is not OUTPUTS else mask_output(self, out)
 
     def __reduce_ex__(self, protocol: int) -> Any:
@@ -48,9 +51,10 @@ def _conv_class(base: type) -> type:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         slot = self.__dict__.get("_tlora_slot")
         mode = slot.mode if slot is not None else None
+        params = self._parameters
         if mode is WEIGHTS:
-            return self._conv_forward(input, self._tlora_masked, self.bias)
-        out = self._conv_forward(input, self.weight, self.bias)
+            return self._conv_forward(input, self._tlora_masked, params["bias"])
+        out = self._conv_forward(input, params["weight"], params["bias"])
         return out if mode is not OUTPUTS else mask_output(self, out)
 
     name = f"TLoRA{base.__name__}"

@@ -190,11 +190,14 @@ def _encoded_dataset(vae, seed: int, size: int) -> tuple[list, torch.Tensor, tor
 def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr: float,
                dataset_size: int = 100_000, prediction_type: str = "epsilon", init_from: Optional[Path] = None,
                stop_after: Optional[int] = None, checkpoint_name: str = "base_checkpoint.pt",
-               zero_terminal_snr: bool = False) -> None:
+               zero_terminal_snr: bool = False, high_noise_share: float = 0.0, high_noise_from: int = 700) -> None:
     """Text encoder + UNet, DDPM loss with ``prediction_type`` targets, EMA weights saved.
 
     ``init_from``: start from the EMA weights of another run's checkpoint (a fresh optimizer and
     schedule). ``stop_after``: end after that many steps (checkpointed), as if interrupted.
+    ``high_noise_share``: that share of each batch draws t from ``[high_noise_from, 1000)``
+    instead of ``[0, 1000)``: the layout (where the object goes) is decided there, from the
+    prompt alone, and uniform sampling leaves it undertrained.
     """
     from diffusers import AutoencoderKL
 
@@ -222,7 +225,7 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
             live[k].load_state_dict(warm["ema_" + k])
             ema[k].load_state_dict(warm["ema_" + k])
         _log(out, stage="base", warm_start=str(init_from), prediction_type=prediction_type,
-             zero_terminal_snr=zero_terminal_snr)
+             zero_terminal_snr=zero_terminal_snr, high_noise_share=high_noise_share, high_noise_from=high_noise_from)
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         for k, m in live.items():
@@ -251,6 +254,9 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
         latents = (m + sd * torch.randn(m.shape, generator=gen)) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, 1000, (batch,), generator=gen)
+        if high_noise_share > 0:
+            high = torch.rand(batch, generator=gen) < high_noise_share
+            t = torch.where(high, torch.randint(high_noise_from, 1000, (batch,), generator=gen), t)
         a = alphas[t].sqrt()[:, None, None, None]
         s = (1 - alphas[t]).sqrt()[:, None, None, None]
         noisy = a * latents + s * noise
@@ -289,12 +295,25 @@ def train_base(out: Path, steps: int, seed: int, batch: int, eval_every: int, lr
     _log(out, stage="base", done=True, steps=steps)
 
 
+def measure_shipped(out: Path, n: int = 512, seed: int = 4321) -> dict:
+    """Prompt following of the saved pipeline as users load it (float16 UNet/VAE read back in float32):
+    ``n`` full captions and ``n`` one-attribute prompts, written to ``prompt_following.json``."""
+    from . import load_pipeline
+    from .evaluate import GUIDANCE, STEPS, load_evaluator, prompt_following
+
+    result = prompt_following(load_pipeline(out / "pipeline"), load_evaluator(out), n=n, seed=seed)
+    result.update(seed=seed, steps=STEPS, guidance=GUIDANCE, measured_on="pipeline/ loaded with load_pipeline()")
+    (out / "prompt_following.json").write_text(json.dumps(result, indent=2) + "\n")
+    _log(out, stage="measure", **result)
+    return result
+
+
 def write_checksums(out: Path) -> Path:
     import hashlib
 
     lines = []
     for path in sorted(out.rglob("*")):
-        if path.is_file() and path.name not in ("SHA256SUMS",) and path.suffix in (".safetensors", ".json", ".txt"):
+        if path.is_file() and path.name not in ("SHA256SUMS",) and path.suffix in (".safetensors", ".json", ".jsonl", ".txt"):
             lines.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(out)}")
     target = out / "SHA256SUMS"
     target.write_text("\n".join(lines) + "\n")
@@ -316,9 +335,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--zero-terminal-snr", action="store_true",
                         help="rescale the betas so t=999 is pure noise (needs --prediction-type v_prediction)")
+    parser.add_argument("--high-noise-share", type=float, default=0.0,
+                        help="share of each batch with t drawn from [--high-noise-from, 1000)")
+    parser.add_argument("--high-noise-from", type=int, default=700)
     parser.add_argument("--init-from", default=None, help="warm start: a base checkpoint's EMA weights")
     parser.add_argument("--stop-after", type=int, default=None, help="end the base stage after N steps")
     parser.add_argument("--checkpoint-name", default="base_checkpoint.pt")
+    parser.add_argument("--measure", action="store_true",
+                        help="measure the saved pipeline's prompt following on 512 + 512 samples (prompt_following.json)")
     parser.add_argument("--force", action="append", default=[], choices=["evaluator", "vae", "base"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -333,9 +357,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "base" in args.force or not (out / "pipeline" / "model_index.json").is_file():
         train_base(out, args.base_steps, args.seed, args.batch, args.eval_every, args.lr, args.dataset_size,
                    args.prediction_type, Path(args.init_from) if args.init_from else None, args.stop_after,
-                   args.checkpoint_name, args.zero_terminal_snr)
+                   args.checkpoint_name, args.zero_terminal_snr, args.high_noise_share, args.high_noise_from)
         if args.stop_after is not None and not (out / "pipeline" / "model_index.json").is_file():
             return 0
+    if args.measure:
+        measure_shipped(out)
     write_checksums(out)
     return 0
 

@@ -1,0 +1,158 @@
+"""The shipped scenes model: checksums, stock offline loading, prompt following, and the experiment's pipeline.
+
+CI never trains the base: these tests load the committed weights, check them, sample a few
+images, and run the experiment's code path for a few training steps.
+"""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlora_diffusers.scenes import ATTRIBUTES, EXAMPLE_TLORA, PIPELINE, WEIGHTS, load_evaluator, load_pipeline, \
+    render, sample_scene, scene_words, verify_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return load_evaluator()
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("tlora_experiment", ROOT / "benchmarks" / "experiment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def test_every_shipped_file_matches_its_checksum_and_a_changed_one_is_named(tmp_path):
+    verify_weights()
+    listed = [line.split(maxsplit=1)[1] for line in (WEIGHTS / "SHA256SUMS").read_text().splitlines()]
+    assert "evaluator.safetensors" in listed and "pipeline/unet/diffusion_pytorch_model.safetensors" in listed
+    assert "examples/sks-shape-tlora.safetensors" in listed
+    total = sum((WEIGHTS / name).stat().st_size for name in listed)
+    assert total <= 20 * 2**20, f"the shipped weights are {total / 2**20:.1f} MB"
+    copy = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, copy)
+    with open(copy / "evaluator.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match=r"evaluator.safetensors: SHA-256 .* does not match"):
+        verify_weights(copy)
+    (copy / "pipeline" / "model_index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model_index.json: listed in"):
+        verify_weights(copy)
+
+
+def test_loads_with_stock_from_pretrained_offline(pipe):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    assert type(pipe) is StableDiffusionPipeline
+    again = DiffusionPipeline.from_pretrained(str(PIPELINE), local_files_only=True)
+    assert type(again) is StableDiffusionPipeline
+    sched = pipe.scheduler.config
+    assert sched.prediction_type == "v_prediction" and sched.rescale_betas_zero_snr and sched.timestep_spacing == "trailing"
+    assert sum(p.numel() for p in pipe.unet.parameters()) < 8e6
+
+
+@torch.no_grad()
+def test_follows_its_prompts_on_a_few_samples(pipe, evaluator):
+    """Eight seeded full captions: every attribute read back on (nearly) every image."""
+    import random
+
+    from tlora_diffusers.scenes.evaluate import classify, generate
+
+    rng = random.Random(7)
+    scenes = [sample_scene(rng) for _ in range(8)]
+    images = generate(pipe, [scene_words(s) for s in scenes], seed=7)
+    assert images.shape == (8, 3, 32, 32)
+    pred = classify(evaluator, images)
+    for attribute in ATTRIBUTES:
+        hits = sum(int(pred[attribute][i]) == s.labels()[attribute] for i, s in enumerate(scenes))
+        assert hits >= 6, f"{attribute}: {hits}/8"
+
+
+def test_committed_prompt_following_is_at_least_0_9_for_every_attribute():
+    """The ≥ 256-sample measurement committed with the weights (made by scenes.build / the weights README)."""
+    result = json.loads((WEIGHTS / "prompt_following.json").read_text())
+    assert result["n"] >= 256
+    for kind in ("full", "single"):
+        for attribute in ATTRIBUTES:
+            assert result[kind][attribute] >= 0.9, (kind, attribute, result[kind][attribute])
+
+
+def test_the_evaluator_reads_renders_of_every_attribute(evaluator):
+    import random
+
+    from tlora_diffusers.scenes.evaluate import classify, rendered
+
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(64)]
+    pred = classify(evaluator, rendered(scenes))
+    for attribute in ATTRIBUTES:
+        acc = sum(int(pred[attribute][i]) == s.labels()[attribute] for i, s in enumerate(scenes)) / len(scenes)
+        assert acc >= 0.95, (attribute, acc)
+    assert render(scenes[0]).shape == (32, 32, 3)
+
+
+@torch.no_grad()
+def test_the_example_tlora_loads_with_stock_diffusers_and_the_mask_changes_the_image(pipe):
+    from tlora_diffusers import TLoRAPatch
+    from tlora_diffusers.scenes.evaluate import generate
+
+    pipe.load_lora_weights(str(EXAMPLE_TLORA), adapter_name="example")
+    try:
+        with TLoRAPatch(pipe) as patch:
+            assert patch.config.min_rank < patch.config.max_rank
+            masked = generate(pipe, ["a sks shape on a blue background"], seed=0, steps=8)
+        unmasked = generate(pipe, ["a sks shape on a blue background"], seed=0, steps=8)
+    finally:
+        pipe.delete_adapters("example")
+    assert (masked - unmasked).abs().max() > 0.05
+
+
+def test_the_experiment_pipeline_runs_in_seconds(experiment, pipe, evaluator, tmp_path):
+    """Two checkpoints of each method (training extended by resume), metrics, matched-IS summary, report."""
+    from tlora_diffusers.scenes.evaluate import concept_scene, customization_prompts
+
+    items = len(customization_prompts(concept_scene(0), 1))
+    rows = [experiment.run_one(method, 4, 0, [2, 4], 3e-4, tmp_path, pipe, evaluator, 1, PIPELINE)
+            for method in experiment.METHODS]
+    for row in rows:
+        assert [c["step"] for c in row["curve"]] == [2, 4]
+        for c in row["curve"]:
+            assert 0 <= c["TS"] <= 1 and -1 <= c["IS"] <= 1 and c["n"] == items
+        assert ("unmasked" in row) == (row["method"] != "lora")
+    result = {"summary": experiment.summarize(rows), "seeds": 1, "command": "test", "seconds": 1.0, "rows": rows}
+    assert set(result["summary"]["table"]) == {f"{m}/r4" for m in experiment.METHODS}
+    paired = result["summary"]["matched_vs_lora"]["tlora/r4/TS"]
+    assert paired["seeds"] == 1 and len(paired["ci95"]) == 2
+    md = experiment.render_markdown(result)
+    assert "| LoRA |" in md and "Vanilla T-LoRA" in md and "unmasked" in md
+    assert not any(tmp_path.glob("*-r4-s0"))  # each run's training folder is removed after it
+
+
+def test_bootstrap_interval_and_matched_interpolation(experiment):
+    mean, lo, hi = experiment.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and 1.0 <= lo < mean < hi <= 4.0
+    curve = [{"IS": 0.2, "TS": 0.9}, {"IS": 0.6, "TS": 0.5}]
+    assert experiment._interp(curve, 0.4, "TS") == pytest.approx(0.7)
+    assert experiment._interp(curve, 0.0, "TS") == 0.9 and experiment._interp(curve, 1.0, "TS") == 0.5
