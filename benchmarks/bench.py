@@ -38,6 +38,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="file stem (default: quick-cpu, or SIZE-cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per variant (default: per size)")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the parts run in an existing NAME.json (each part keeps the command that "
+                        "made it, under 'commands') (default: off, write a new file)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.only.split(",")) - set(PARTS))
     if unknown:
@@ -72,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                                               tokens=(64, 256) if args.quick else (64, 256, 1024))]
     if "host" in parts:
         counts = (10, 100, 700) if args.quick else (10, 30, 100, 300, 700, 1000)
-        result["host"] = host.bench_host(counts, 8, 6 if args.quick else 30, 10 if args.quick else 20)
+        result["host"] = host.bench_host(counts, 8, 6 if args.quick else 40, 10 if args.quick else 20)
     if "staleness" in parts:
         result["staleness"] = host.bench_staleness()
     if "fastpath" in parts:
@@ -92,6 +95,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result["commands"] = {part: result["command"] for part in PARTS if part in result}
+    if args.merge and (out / f"{name}.json").exists():
+        old = json.loads((out / f"{name}.json").read_text())
+        commands = old.get("commands") or {part: old["command"] for part in PARTS if part in old}
+        commands.update(result["commands"])
+        seconds = old.get("seconds", 0) + result["seconds"]
+        old.update({k: v for k, v in result.items() if k in PARTS})
+        result = {**old, "commands": commands, "seconds": seconds}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"{name}.md").write_text(render_markdown(result))
     print(f"wrote {out / name}.json and .md ({result['seconds']:.0f} s)")

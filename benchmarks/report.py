@@ -53,8 +53,15 @@ def readme_table(result: dict) -> str:
         parts.append(table)
     host = result.get("host")
     if host:
+        q = next((r.get("overhead_q1_q3_us") for r in host["rows"] if r["layers"] == 700), None)
+        spread = f" (q1–q3 {q[0]:.0f} to {q[1]:.0f})" if q else ""
+        row = next((r for r in host["rows"] if r["layers"] == 700), {})
+        whole = (f"; measured with whole PEFT layers, whose own Python is ~30 µs each: "
+                 f"{_f(row['full_overhead_us'], 0)} µs, q1–q3 {row['full_overhead_q1_q3_us'][0]:.0f} to "
+                 f"{row['full_overhead_q1_q3_us'][1]:.0f}") if "full_overhead_us" in row else ""
         parts.append(f"- **Host overhead** beyond unfused PEFT per denoiser call: {_f(host['overhead_at_700_us'], 0)} µs at "
-                     f"700 adapted layers, {_f(host['per_layer_us'])} µs per extra layer (target ≤ "
+                     f"700 adapted layers{spread}{whole}; {_f(host['per_layer_us'], 3)} µs per extra layer (negative: the masked "
+                     f"`lora_A` forward skips `nn.Module.__getattr__`, so it is cheaper than PEFT's `nn.Linear`; target ≤ "
                      f"{_f(host['target_us'], 0)} µs: {'met' if host['met'] else 'not met'}); a forward hook per layer "
                      f"(v0.1's design) costs {_f(next(r['hook_per_layer_overhead_us'] for r in host['rows'] if r['layers'] == 700), 0)} µs there.")
     for row in result.get("staleness", []):
@@ -70,7 +77,8 @@ def readme_table(result: dict) -> str:
                             [[f"`{m}`", *(cell.get((k, m)) for k in models)] for m in methods]))
     imports = result.get("imports")
     if imports:
-        parts.append(f"- **Import**: `import tlora_diffusers` {_f(imports['import_beyond_torch_s'])} s beyond `import torch`; "
+        parts.append(f"- **Import**: `from tlora_diffusers import TLoRAConfig, TLoRAPatch` {_f(imports['import_beyond_torch_s'], 3)} s "
+                     "beyond `import torch`; "
                      f"`tlora-diffusers --help` {_f(imports['cli_help_s'])} s, `--version` {_f(imports['cli_version_s'])} s.")
     fast = result.get("fastpath", {}).get("measured")
     if fast:
@@ -78,7 +86,9 @@ def readme_table(result: dict) -> str:
             f"{r['tokens']} tokens: branch {_f(r['mask_x_base'])}×, merge {_f(r['fast_x_base'])}×" for r in fast) + ".")
     machine = result.get("machine", {})
     parts.append(f"\nMeasured on {machine.get('cores')} CPU cores ({machine.get('threads')} thread), torch "
-                 f"{machine.get('torch')}, diffusers {machine.get('diffusers')}; command: `{result.get('command', '')}`.")
+                 f"{machine.get('torch')}, diffusers {machine.get('diffusers')}; "
+                 + ("commands: " + "; ".join(f"`{c}`" for c in dict.fromkeys((result.get("commands") or {}).values()))
+                    if result.get("commands") else f"command: `{result.get('command', '')}`") + ".")
     return "\n\n".join(parts)
 
 
@@ -111,9 +121,15 @@ def render_markdown(result: dict) -> str:
     host = result.get("host")
     if host:
         out += ["", "## Host overhead per call", "", host["method"], "", _table(
-            ["layers", "PEFT µs", "a hook per layer µs", "TLoRAPatch µs", "overhead µs", "hook overhead µs"],
+            ["layers", "PEFT µs", "a hook per layer µs", "TLoRAPatch µs", "overhead µs (lora_A alone)",
+             "q1–q3 µs", "overhead µs (whole layers)", "q1–q3 µs", "hook overhead µs"],
             [[r["layers"], r["peft_us"], r["hook_per_layer_us"], r["tlora_mask_us"], r["overhead_us"],
-              r["hook_per_layer_overhead_us"]] for r in host["rows"]], 1)]
+              "–".join(f"{q:.0f}" for q in r.get("overhead_q1_q3_us", [])), r.get("full_overhead_us"),
+              "–".join(f"{q:.0f}" for q in r.get("full_overhead_q1_q3_us", [])), r["hook_per_layer_overhead_us"]]
+             for r in host["rows"]], 1)]
+        out += ["", f"Least-squares fit: {_f(host.get('fixed_us'), 1)} µs + {_f(host['per_layer_us'], 3)} µs per layer; "
+                    f"a call at a timestep not seen before: +{_f(host.get('cold_us'), 1)} µs (its masks are built, then "
+                    "memoised)."]
     if result.get("staleness"):
         out += ["", "## Staleness check (full-size module trees on the meta device)", "", _table(
             ["model", "modules", "LoRA layers", "check µs", "target µs"],
@@ -124,10 +140,11 @@ def render_markdown(result: dict) -> str:
             ["layer", "tokens", "rank", "base ms", "LoRA branch × base", "merge × base", "extra MB"],
             [[f"{r['d_in']}x{r['d_out']}", r["tokens"], r["rank"], r["base_ms"], r["mask_x_base"], r["fast_x_base"],
               r["fast_extra_mb"]] for r in fast["measured"]])]
-        out += ["", "Roofline model (GPU):", "", _table(
-            ["model", "device", "rank", "steps", "base ms", "mask path × base", "fast path × base", "extra GiB"],
-            [[name, r["device"], r["rank"], r["steps"], r["base_ms"], r["mask_x_base"], r["fast_x_base"],
-              r["fast_extra_memory_gib"]] for name, r in fast["roofline"].items()])]
+        out += ["", "Roofline model (GPU; base = the adapted layers' own matmuls, not the whole call):", "", _table(
+            ["model", "device", "rank", "steps", "base ms", "mask path +ms", "fast path +ms", "mask × base",
+             "fast × base", "fast path extra GiB"],
+            [[name, r["device"], r["rank"], r["steps"], r["base_ms"], r.get("mask_extra_ms"), r.get("fast_extra_ms"),
+              r["mask_x_base"], r["fast_x_base"], r["fast_extra_memory_gib"]] for name, r in fast["roofline"].items()])]
     if result.get("training"):
         out += ["", "## Training step (forward + backward)", "", _table(
             ["model", "size", "method", "ms", "× PEFT LoRA"],
@@ -141,7 +158,8 @@ def render_markdown(result: dict) -> str:
         i = result["imports"]
         out += ["", "## Import", "", _table(["what", "seconds", "target"], [
             ["import torch", i["python_import_torch_s"], None],
-            ["import tlora_diffusers beyond torch", i["import_beyond_torch_s"], i["targets_s"]["import_beyond_torch"]],
+            ["from tlora_diffusers import TLoRAConfig, TLoRAPatch, beyond torch", i["import_beyond_torch_s"],
+             i["targets_s"]["import_beyond_torch"]],
             ["tlora-diffusers --help", i["cli_help_s"], i["targets_s"]["cli_help"]],
             ["tlora-diffusers --version", i["cli_version_s"], i["targets_s"]["cli_version"]]])]
     return "\n".join(out) + "\n"

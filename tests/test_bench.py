@@ -97,3 +97,16 @@ def test_readme_performance_table_is_generated_from_the_committed_results():
     assert block == readme_table(result).strip(), "python -m benchmarks.report benchmarks/results/cpu.json --readme"
     host = result["host"]
     assert host["overhead_at_700_us"] is not None  # the headline number is measured, not typed
+
+
+def test_gpu_suite_logic_dry_run_on_the_cpu(tmp_path):
+    """The GPU suite's code path (no GPU here): tiny SDXL, eager variants, LyCORIS bypass, results JSON."""
+    cmd = [sys.executable, "-m", "benchmarks.gpu.suite", "--device", "cpu", "--size", "tiny", "--models", "sdxl",
+           "--reps", "2", "--skip", "compiled", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    (row,) = result["models"]
+    assert row["model"] == "sdxl" and row["skipped"] == ["compiled"]
+    for name in ("peft_unfused", "peft_fused", "tlora_mask", "lycoris_bypass"):
+        assert row[name]["x_base"] > 0 and row[name]["n"] == 2, name

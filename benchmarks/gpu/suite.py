@@ -53,7 +53,7 @@ def _timed(fn: Callable[[], Any], warmup: int, reps: int, device: Any) -> dict:
 
 
 def bench_model(kind: str, size: str, device: Any, dtype: Any, warmup: int, reps: int, deadline: float,
-                log: Callable[[str], None]) -> dict:
+                log: Callable[[str], None], skip: frozenset = frozenset()) -> dict:
     import torch
     import torch._dynamo
 
@@ -79,7 +79,7 @@ def bench_model(kind: str, size: str, device: Any, dtype: Any, warmup: int, reps
             return (model if m is None else m)(*args, **kwargs)
 
     row["base"] = _timed(call, warmup, reps, device)
-    compile_ok = time.perf_counter() < deadline
+    compile_ok = time.perf_counter() < deadline and "compiled" not in skip
     if compile_ok:
         torch._dynamo.reset()
         compiled_base = torch.compile(model)
@@ -111,12 +111,12 @@ def bench_model(kind: str, size: str, device: Any, dtype: Any, warmup: int, reps
         row[name]["x_base"] = row[name]["median"] / row["base"]["median"]
     log(f"[{kind}] eager: " + ", ".join(f"{n} {row[n]['x_base']:.3f}x" for n in ("peft_unfused", "peft_fused",
                                                                              "tlora_mask")))
-    if device.type == "cuda" and kind == "flux2-klein" and time.perf_counter() < deadline:
+    if device.type == "cuda" and kind == "flux2-klein" and time.perf_counter() < deadline and "cuda_graphs" not in skip:
         row["cuda_graphs"] = _cuda_graph_replay(model, cfg, inputs, reps, device)
         log(f"[{kind}] CUDA graphs: {row['cuda_graphs']}")
     elif kind == "flux2-klein":
         row["skipped"].append("cuda_graphs")
-    if time.perf_counter() < deadline:
+    if time.perf_counter() < deadline and "lycoris_bypass" not in skip:
         model.delete_adapters("default")
         import copy
 
@@ -178,7 +178,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--budget", type=float, default=420.0, help="seconds before optional parts are skipped")
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--out", default=str(REPO / "bench-out"))
+    p.add_argument("--skip", default="", help="comma-separated optional parts: compiled,cuda_graphs,lycoris_bypass")
     args = p.parse_args(argv)
+    skip = frozenset(filter(None, args.skip.split(",")))
+    unknown = sorted(skip - {"compiled", "cuda_graphs", "lycoris_bypass"})
+    if unknown:
+        p.error(f"--skip: unknown {unknown}; choose from compiled, cuda_graphs, lycoris_bypass")
     import torch
 
     from benchmarks.harness import machine
@@ -197,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result.setdefault("skipped_models", []).append(kind)
             continue
         try:
-            result["models"].append(bench_model(kind, args.size, device, dtype, 2, args.reps, deadline, print))
+            result["models"].append(bench_model(kind, args.size, device, dtype, 2, args.reps, deadline, print,
+                                              skip))
         except torch.cuda.OutOfMemoryError as e:  # pragma: no cover - GPU only
             result["models"].append({"model": kind, "error": f"out of memory: {e}"})
             torch.cuda.empty_cache()
