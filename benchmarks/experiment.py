@@ -71,10 +71,14 @@ def run_one(method: str, rank: int, seed: int, checkpoints: list[int], lr: float
 
     concept = concept_scene(seed)
     image = work / f"concept-{seed}.png"
-    if not image.exists():
+    if not image.exists():  # workers may race here: each writes its own file, then renames it into place
+        import os
+
         from PIL import Image
 
-        Image.fromarray(render(concept)).save(image)
+        part = image.with_name(f"{image.stem}.{os.getpid()}.png")
+        Image.fromarray(render(concept)).save(part)
+        os.replace(part, image)
     out = work / f"{method}-r{rank}-s{seed}"
     items = customization_prompts(concept, samples)
     curve = []
@@ -215,23 +219,56 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+_WORKER: dict = {}
+
+
+def _worker_init(weights: Path, threads: int, checkpoints: list[int], lr: float, work: str, samples: int) -> None:
+    """Load the pipeline and evaluator once per process."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from tlora_diffusers.cli._common import quiet_libraries
+    from tlora_diffusers.scenes import load_evaluator, load_pipeline
+
+    with quiet_libraries(False):
+        _WORKER.update(pipe=load_pipeline(weights / "pipeline"), evaluator=load_evaluator(weights), weights=weights,
+                       checkpoints=checkpoints, lr=lr, work=Path(work), samples=samples)
+
+
+def _worker_run(job: tuple[str, int, int]) -> dict:
+    from tlora_diffusers.cli._common import quiet_libraries
+
+    method, rank, seed = job
+    w = _WORKER
+    t0 = time.perf_counter()
+    with quiet_libraries(False):
+        row = run_one(method, rank, seed, w["checkpoints"], w["lr"], w["work"], w["pipe"], w["evaluator"],
+                      w["samples"], w["weights"] / "pipeline")
+    last = row["curve"][-1]
+    row["seconds"] = time.perf_counter() - t0
+    print(f"[experiment] seed {seed} rank {rank} {method}: IS {last['IS']:.3f} TS {last['TS']:.3f} "
+          f"copy {last['copy_rate']:.2f} ({row['seconds']:.0f} s)", flush=True)
+    return row
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, rank 8, 2 checkpoints (<= 10 min)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--ranks", default="4,8,16")
     p.add_argument("--checkpoints", default="100,200,300,400", help="training steps at which to evaluate")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (constant)")
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads in all (split between workers)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes training runs in parallel, each with threads/workers torch threads")
     p.add_argument("--out", default=str(REPO / "bench-out"))
     p.add_argument("--weights", default=None, help="a scenes weights folder (default: the shipped one)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    from tlora_diffusers.cli._common import quiet_libraries
-    from tlora_diffusers.scenes import WEIGHTS, load_evaluator, load_pipeline
+    from tlora_diffusers.scenes import WEIGHTS
 
     seeds = [0] if args.quick else list(range(args.seeds))
     ranks = [8] if args.quick else [int(r) for r in args.ranks.split(",")]
@@ -240,19 +277,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work = out / "experiment-work"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = []
-    with quiet_libraries(False):
-        weights = Path(args.weights) if args.weights else WEIGHTS
-        pipe, evaluator = load_pipeline(weights / "pipeline"), load_evaluator(weights)
-        for seed in seeds:
-            for rank in ranks:
-                for method in METHODS:
-                    t0 = time.perf_counter()
-                    rows.append(run_one(method, rank, seed, checkpoints, args.lr, work, pipe, evaluator, args.samples,
-                                        weights / "pipeline"))
-                    last = rows[-1]["curve"][-1]
-                    print(f"[experiment] seed {seed} rank {rank} {method}: IS {last['IS']:.3f} TS {last['TS']:.3f} "
-                          f"copy {last['copy_rate']:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    weights = Path(args.weights) if args.weights else WEIGHTS
+    jobs = [(method, rank, seed) for seed in seeds for rank in ranks for method in METHODS]
+    setup = (weights, max(1, args.threads // max(1, args.workers)), checkpoints, args.lr, str(work), args.samples)
+    if args.workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=setup) as pool:
+            rows = list(pool.map(_worker_run, jobs))
+    else:
+        _worker_init(*setup)
+        rows = [_worker_run(job) for job in jobs]
     name = "tlora_effect-quick" if args.quick else "tlora_effect"
     result = {"name": name, "command": "python benchmarks/experiment.py " + " ".join(argv or sys.argv[1:]),
               "seeds": len(seeds), "ranks": ranks, "checkpoints": checkpoints, "lr": args.lr, "rows": rows,

@@ -54,9 +54,9 @@ def _train(model: Path, out: Path, image: Path, rank: int, min_rank: int, steps:
 def run_demo(
     out_dir: Union[str, Path] = "tlora-demo",
     *,
-    steps: int = 300,
+    steps: int = 400,
     rank: int = 8,
-    learning_rate: float = 3e-4,
+    learning_rate: float = 3e-3,
     seed: int = 0,
     samples: int = 2,
     progress: bool = True,

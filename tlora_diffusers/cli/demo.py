@@ -30,10 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
         description="Teach the shipped scenes model an unseen shape with a LoRA and a T-LoRA, and compare them.",
     )
     p.add_argument("--out", default="tlora-demo", metavar="DIR", help="output folder")
-    p.add_argument("--train-steps", type=positive_int, default=300, metavar="N", help="training steps of each adapter")
+    p.add_argument("--train-steps", type=positive_int, default=400, metavar="N", help="training steps of each adapter")
     p.add_argument("--rank", type=positive_int, default=8, metavar="R",
                    help="rank of both adapters; the T-LoRA's min_rank is R // 2")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of both adapters")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of both adapters")
     p.add_argument("--seed", type=int, default=0, help="picks the concept and seeds training and sampling")
     p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
