@@ -265,3 +265,21 @@ def test_a_lora_on_a_torchao_int8_base_is_masked_like_the_reference():
         got = run(pipe)
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert np.abs(got - run(pipe)).max() > 1e-3  # the mask changed the images
+
+
+def test_bare_load_lora_adapter_without_metadata_error_names_use_safetensors_and_it_works(tmp_path):
+    """diffusers' ``load_lora_adapter(file)`` without ``use_safetensors=True`` takes its non-safetensors path,
+    which loads the tensors and drops the file's metadata (the schedule with it), like loading a state dict:
+    the error must name the fix, and the fix must work."""
+    folder = tlora_file(tmp_path, "sdxl", B, "a", seed=1)
+    file = str(folder if folder.is_file() else folder / "pytorch_lora_weights.safetensors")
+    unet = tiny_pipeline("sdxl").unet
+    from safetensors.torch import load_file
+
+    unet.load_lora_adapter(load_file(file), prefix="unet", adapter_name="lost")  # tensors only, as that path loads
+    with pytest.raises(ValueError, match=r"\['lost'\].*use_safetensors=True"):
+        TLoRAPatch(unet, num_train_timesteps=1000)
+    unet.delete_adapters("lost")
+    unet.load_lora_adapter(file, prefix="unet", adapter_name="kept", use_safetensors=True)
+    with TLoRAPatch(unet, num_train_timesteps=1000) as patch:
+        assert patch.configs == {"kept": B}

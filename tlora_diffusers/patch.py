@@ -129,7 +129,8 @@ def _resolve_configs(denoiser: nn.Module, adapters: list[str], cfg: Configs, nam
                 f"TLoRAPatch(pipe, adapter_names={with_files!r}). " if with_files and not selected else "")
         raise ValueError(
             f"no T-LoRA config was found for adapter(s) {missing} of {name} (files saved by tlora_diffusers carry "
-            f"one). {hint}Otherwise pass the schedule it was trained with: TLoRAPatch(pipe, "
+            f"one; a bare denoiser's load_lora_adapter(path) keeps a file's metadata only with use_safetensors=True). "
+            f"{hint}Otherwise pass the schedule it was trained with: TLoRAPatch(pipe, "
             f"TLoRAConfig(max_rank=..., min_rank=..., alpha=...)) or one per adapter, "
             f"TLoRAPatch(pipe, {{{missing[0]!r}: TLoRAConfig(...)}})"
         )
