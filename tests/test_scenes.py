@@ -157,3 +157,21 @@ def test_bootstrap_interval_and_matched_interpolation(experiment):
     curve = [{"IS": 0.2, "TS": 0.9}, {"IS": 0.6, "TS": 0.5}]
     assert experiment._interp(curve, 0.4, "TS") == pytest.approx(0.7)
     assert experiment._interp(curve, 0.0, "TS") == 0.9 and experiment._interp(curve, 1.0, "TS") == 0.5
+
+
+def test_readme_reports_the_committed_experiment():
+    """The README's "Does it work?" numbers are the committed run's (benchmarks/results/tlora_effect.json)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Does it work?"):readme.index("## Use it with your pipeline")]
+    result = json.loads((ROOT / "benchmarks" / "results" / "tlora_effect.json").read_text())
+    assert result["seeds"] >= 5 and sorted(result["ranks"]) == [4, 8, 16]
+    table, paired = result["summary"]["table"], result["summary"]["matched_vs_lora"]
+    for method, label in (("lora", "LoRA"), ("tlora", "Vanilla T-LoRA"), ("tlora_ortho", "T-LoRA (ortho)")):
+        cells = " | ".join(f"{table[f'{method}/r{r}']['IS']:.3f} / {table[f'{method}/r{r}']['TS']:.3f}" for r in (4, 8, 16))
+        assert f"| {label} | {cells} |" in section, f"README's final-checkpoint row for {label} is not the committed one"
+        if method != "lora":
+            for r in (4, 8, 16):
+                p = paired[f"{method}/r{r}/TS"]
+                shown = f"{p['mean_diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]".replace("-", "−")
+                assert shown in section.replace("**", ""), f"README's ΔTS for {method} r{r} is not {shown}"
+                assert f"({p['matched_seeds']}/{p['seeds']})" in section
