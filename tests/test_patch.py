@@ -530,3 +530,21 @@ def test_a_second_denoiser_with_lora_is_masked_too():
         assert sorted(patch.denoisers) == ["transformer", "transformer_2"]
         assert attachment_of(second) is not None
     assert _no_hooks_left(pipe.transformer) and _no_hooks_left(second)
+
+
+@pytest.mark.parametrize("value", [-5.0, -0.05, 0.0, 500.0, 1000.0, 1000.05, 1003.0, float("nan")])
+def test_range_check_of_one_timestep_agrees_with_the_tensor_path(value):
+    """The one-value fast path of check_range returns and refuses exactly what the tensor path does."""
+    from tlora_diffusers._verify import check_range
+
+    raw = torch.tensor([value], dtype=torch.float32)  # tolerance 0.1 at T=1000
+    one, many = torch.tensor([value]), torch.tensor([value, 500.0])
+    try:
+        expected = check_range(many, raw, 1000, "x", "scale 1")[:1]
+    except ValueError as e:
+        with pytest.raises(ValueError) as got:
+            check_range(one, raw, 1000, "x", "scale 1")
+        assert str(got.value) == str(e)
+        assert abs(value - 500) > 500.05
+        return
+    torch.testing.assert_close(check_range(one, raw, 1000, "x", "scale 1"), expected, equal_nan=True)

@@ -37,6 +37,14 @@ def check_scheduler(pipe: Any) -> None:
         )
 
 
+def _out_of_range(where: str, convention: str, value: float, T: int) -> ValueError:
+    return ValueError(
+        f"{where} received a timestep that converts ({convention}) to t={value:.6g}, outside [0, T={T}]: "
+        "the model family's timestep convention does not fit this call (or T is wrong); a T-LoRA "
+        "cannot be masked at that t. Register the right convention with register_model_family"
+    )
+
+
 def check_range(t: torch.Tensor, raw: Any, T: int, where: str, convention: str) -> torch.Tensor:
     """``t`` (scheduler units) clamped to ``[0, T]``; beyond float rounding it is an error.
 
@@ -46,19 +54,13 @@ def check_range(t: torch.Tensor, raw: Any, T: int, where: str, convention: str) 
     tol = tolerance(raw, T)
     if t.device.type == "cpu" and t.numel() == 1 and not t.requires_grad:  # one value: read it, no tensor ops
         value = float(t)
-        if value != value or -tol <= value <= T + tol:  # NaN: the schedule refuses it by name
-            return t if 0.0 <= value <= T else t.clamp(0.0, float(T))
-        bad = None
-    else:
-        bad = (t < -tol) | (t > T + tol)
+        if value < -tol or value > T + tol:
+            raise _out_of_range(where, convention, value, T)
+        return t if 0.0 <= value <= T else t.clamp(0.0, float(T))  # NaN stays NaN: the schedule refuses it
+    bad = (t < -tol) | (t > T + tol)
     if t.device.type == "cpu":
-        if bad is None or bool(bad.any()):
-            value = value if bad is None else t[bad].reshape(-1)[0].item()
-            raise ValueError(
-                f"{where} received a timestep that converts ({convention}) to t={value:.6g}, outside [0, T={T}]: "
-                "the model family's timestep convention does not fit this call (or T is wrong); a T-LoRA "
-                "cannot be masked at that t. Register the right convention with register_model_family"
-            )
+        if bool(bad.any()):
+            raise _out_of_range(where, convention, t[bad].reshape(-1)[0].item(), T)
     elif not torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), f"{where}: a converted timestep lies outside [0, T={T}]")
     return t.clamp(0.0, float(T))
