@@ -1,70 +1,103 @@
 """The paper's experiment in miniature: one-image customisation of an unseen concept on the scenes model.
 
-    python benchmarks/experiment.py --out benchmarks/results --workers 2  # the committed run (40 min on 2 cores)
-    python benchmarks/experiment.py --quick                               # 1 seed, rank 8, ~2 min
+    python benchmarks/experiment.py --out benchmarks/results --workers 2 \\
+        --sweep-ortho-lrs 2e-3,4e-3,8e-3               # phase 1: LoRA + vanilla grid, ortho lr sweep
+    python benchmarks/experiment.py --out benchmarks/results --workers 2 --ortho-lr X   # phase 2: ortho grid
+    python benchmarks/experiment.py --quick                                              # 1 seed, rank 8, minutes
 
 For each seed: a concept (a shape the base never saw, striped, large, top left, white
-background), one rendered training image, the prompt "a sks shape". Every method trains
-through ``tlora_diffusers.training.train`` with the same seed, so the same noise and
-timesteps: ``lora`` (min_rank = max_rank: an ordinary LoRA), ``tlora`` (vanilla T-LoRA) and
-``tlora_ortho`` (the paper's orthogonal variant), at ranks 4, 8 and 16. Runs are extended
-checkpoint by checkpoint (``resume`` with more steps, bit-identical to one long run); each
-checkpoint's LoRA is loaded into the stock pipeline and sampled on the training prompt and
-on prompts that change the background or the position. T-LoRAs are also sampled without
-their mask. Metrics (see :func:`tlora_diffusers.scenes.evaluate.customization_metrics`): IS,
-TS, copy rate, distance, diversity. Comparisons are at matched IS along the checkpoint
-curve, paired by seed, with bootstrap 95 % confidence intervals.
+background), one rendered training image, the prompt "a sks shape". Every configuration
+trains through ``tlora_diffusers.training.train`` with the same seed, so the same noise and
+timesteps:
+
+* ``lora``: min_rank = max_rank, an ordinary LoRA (the control);
+* ``tlora_min1`` / ``tlora_half``: vanilla T-LoRA with min_rank 1 (every default a user
+  meets) and rank // 2 (the paper's SDXL recipe);
+* ``ortho_min1`` / ``ortho_half``: the paper's orthogonal variant, at its own learning rate
+  (``--ortho-lr``, chosen by the ``--sweep-ortho-lrs`` sweep so its IS curve meets LoRA's).
+
+Runs are extended checkpoint by checkpoint (``resume`` with more steps, bit-identical to one
+long run); each checkpoint's LoRA is loaded into the stock pipeline and sampled on the
+training prompt and on prompts that change the background or the position. Every T-LoRA
+checkpoint is sampled twice, with its mask and without it (every rank at every step), with
+the same seeds. Metrics (:func:`tlora_diffusers.scenes.evaluate.customization_metrics`): IS,
+TS, copy rate, distance, diversity, saturation. Comparisons are paired by seed, with
+bootstrap 95 % confidence intervals over seeds.
+
+Each finished run is appended to ``<out>/experiment-work/rows.jsonl``: a command that stops
+(or another phase) resumes from it, and the result files are written from every row there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-METHODS = ("lora", "tlora", "tlora_ortho")
-LABELS = {"lora": "LoRA", "tlora": "Vanilla T-LoRA", "tlora_ortho": "T-LoRA (ortho)"}
+#: name: (trainer variant, min_rank as a function of the rank, label).
+CONFIGS: dict[str, tuple[str, str, str]] = {
+    "lora": ("vanilla", "rank", "LoRA"),
+    "tlora_min1": ("vanilla", "1", "T-LoRA, min_rank 1"),
+    "tlora_half": ("vanilla", "rank/2", "T-LoRA, min_rank r/2"),
+    "ortho_min1": ("ortho", "1", "Ortho T-LoRA, min_rank 1"),
+    "ortho_half": ("ortho", "rank/2", "Ortho T-LoRA, min_rank r/2"),
+}
+TLORA_CONFIGS = tuple(c for c in CONFIGS if c != "lora")
+ORTHO_CONFIGS = tuple(c for c in CONFIGS if CONFIGS[c][0] == "ortho")
+LABELS = {name: spec[2] for name, spec in CONFIGS.items()}
+METRICS = ("IS", "TS", "copy_rate", "saturation")
+CHECKPOINTS = (200, 400, 800, 1200, 1600)
+SWEEP_CHECKPOINTS = (200, 400, 800)
 
 
-def _config(method: str, rank: int, seed: int, image: Path, out: Path, steps: int, lr: float, model: Path) -> Any:
+def min_rank_of(config: str, rank: int) -> int:
+    rule = CONFIGS[config][1]
+    return rank if rule == "rank" else 1 if rule == "1" else max(1, rank // 2)
+
+
+def _config(config: str, rank: int, seed: int, image: Path, out: Path, steps: int, lr: float, model: Path) -> Any:
     from tlora_diffusers.training import TrainConfig
 
-    min_rank = rank if method == "lora" else max(1, rank // 2)
     return TrainConfig(
         model=str(model), images=[str(image)], prompt="a sks shape", output_dir=str(out), resolution=32,
-        steps=steps, learning_rate=lr, rank=rank, min_rank=min_rank, alpha=1.0,
-        variant="ortho" if method == "tlora_ortho" else "vanilla", batch_size=4, seed=seed, progress=False,
-        resume=out.exists(), keep_checkpoints=1,
+        steps=steps, learning_rate=lr, rank=rank, min_rank=min_rank_of(config, rank), alpha=1.0,
+        variant=CONFIGS[config][0], batch_size=4, seed=seed, progress=False, resume=out.exists(), keep_checkpoints=1,
     )
 
 
-def _sample(pipe: Any, lora: Path, items: list[dict], seed: int, masked: bool) -> Any:
+def _sample(pipe: Any, lora: Path, items: list[dict], seed: int, masks: Iterable[bool]) -> dict[bool, Any]:
+    """Images for ``items`` with the LoRA file loaded, for each of ``masks`` (True: under ``TLoRAPatch``)."""
     from tlora_diffusers import TLoRAPatch
     from tlora_diffusers.scenes.evaluate import generate
 
     pipe.load_lora_weights(str(lora), adapter_name="exp")
     try:
         prompts = [it["prompt"] for it in items]
-        if masked:
-            with TLoRAPatch(pipe):
-                return generate(pipe, prompts, seed)
-        return generate(pipe, prompts, seed)
+        out = {}
+        for masked in masks:
+            if masked:
+                with TLoRAPatch(pipe):
+                    out[masked] = generate(pipe, prompts, seed)
+            else:
+                out[masked] = generate(pipe, prompts, seed)
+        return out
     finally:
         pipe.delete_adapters("exp")
 
 
-def run_one(method: str, rank: int, seed: int, checkpoints: list[int], lr: float, work: Path, pipe: Any,
+def run_one(config: str, rank: int, seed: int, checkpoints: list[int], lr: float, work: Path, pipe: Any,
             evaluator: Any, samples: int, model: Path) -> dict:
-    """Train one method/rank/seed checkpoint by checkpoint; evaluate each checkpoint (and the last unmasked)."""
+    """Train one configuration/rank/seed checkpoint by checkpoint; evaluate each checkpoint (T-LoRAs also unmasked)."""
     from tlora_diffusers.scenes import render
     from tlora_diffusers.scenes.evaluate import concept_scene, customization_metrics, customization_prompts, saturation
     from tlora_diffusers.training import train
@@ -72,28 +105,45 @@ def run_one(method: str, rank: int, seed: int, checkpoints: list[int], lr: float
     concept = concept_scene(seed)
     image = work / f"concept-{seed}.png"
     if not image.exists():  # workers may race here: each writes its own file, then renames it into place
-        import os
-
         from PIL import Image
 
         part = image.with_name(f"{image.stem}.{os.getpid()}.png")
         Image.fromarray(render(concept)).save(part)
         os.replace(part, image)
-    out = work / f"{method}-r{rank}-s{seed}"
+    out = work / f"{config}-r{rank}-s{seed}-lr{lr:g}"
     items = customization_prompts(concept, samples)
+    masks = (True,) if config == "lora" else (True, False)
     curve = []
     for steps in checkpoints:
-        result = train(_config(method, rank, seed, image, out, steps, lr, model))
-        images = _sample(pipe, result.output_file, items, 10_000 + seed, masked=method != "lora")
-        metrics = customization_metrics(evaluator, images, items, concept)
-        metrics.update(step=steps, saturation=saturation(images))
-        curve.append(metrics)
-    row: dict[str, Any] = {"method": method, "rank": rank, "seed": seed, "concept": concept.__dict__, "curve": curve}
-    if method != "lora":  # the same T-LoRA run without its mask: every rank at every step
-        images = _sample(pipe, result.output_file, items, 10_000 + seed, masked=False)
-        row["unmasked"] = dict(customization_metrics(evaluator, images, items, concept), saturation=saturation(images))
+        result = train(_config(config, rank, seed, image, out, steps, lr, model))
+        images = _sample(pipe, result.output_file, items, 10_000 + seed, masks)
+        point: dict[str, Any] = {"step": steps}
+        for masked, imgs in images.items():
+            metrics = dict(customization_metrics(evaluator, imgs, items, concept), saturation=saturation(imgs))
+            if masked:
+                point.update(metrics)
+            else:
+                point["unmasked"] = metrics
+        curve.append(point)
     shutil.rmtree(out, ignore_errors=True)
-    return row
+    return {"config": config, "variant": CONFIGS[config][0], "min_rank": min_rank_of(config, rank), "rank": rank,
+            "seed": seed, "lr": lr, "samples": samples, "concept": concept.__dict__, "curve": curve}
+
+
+# -- statistics ---------------------------------------------------------------------------------------
+
+def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap 95 % interval of the mean."""
+    if not values:
+        return float("nan"), float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(n))
+    return sum(values) / len(values), means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def _stat(values: list[float]) -> dict:
+    mean, lo, hi = bootstrap_ci(values)
+    return {"mean": mean, "ci95": [lo, hi], "n": len(values)}
 
 
 def _interp(curve: list[dict], x: float, key: str) -> float:
@@ -107,125 +157,231 @@ def _interp(curve: list[dict], x: float, key: str) -> float:
     return pts[-1][1]
 
 
-def matched(rows: list[dict], method: str, rank: int, key: str = "TS") -> list[dict]:
-    """Per seed: ``key`` of ``method`` and of LoRA at the same IS (the middle of the IS range both reach)."""
-    out = []
-    for seed in sorted({r["seed"] for r in rows}):
-        a = next((r for r in rows if (r["method"], r["rank"], r["seed"]) == (method, rank, seed)), None)
-        b = next((r for r in rows if (r["method"], r["rank"], r["seed"]) == ("lora", rank, seed)), None)
-        if a is None or b is None:
-            continue
-        lo = max(min(c["IS"] for c in a["curve"]), min(c["IS"] for c in b["curve"]))
-        hi = min(max(c["IS"] for c in a["curve"]), max(c["IS"] for c in b["curve"]))
-        x = (lo + hi) / 2 if lo <= hi else (max(c["IS"] for c in a["curve"]) + max(c["IS"] for c in b["curve"])) / 2
-        out.append({"seed": seed, "IS": x, "method": _interp(a["curve"], x, key), "lora": _interp(b["curve"], x, key),
-                    "overlap": lo <= hi})
+def _unmasked_curve(row: dict) -> list[dict]:
+    return [dict(c["unmasked"], step=c["step"]) for c in row["curve"]]
+
+
+def matched_pair(a: list[dict], b: list[dict], key: str) -> dict:
+    """``key`` of curves ``a`` and ``b`` at the same IS: the middle of the IS range both reach.
+
+    Where the ranges do not overlap (``overlap`` False) both are read at the middle of their
+    maxima, i.e. the lower curve at its end.
+    """
+    lo = max(min(c["IS"] for c in a), min(c["IS"] for c in b))
+    hi = min(max(c["IS"] for c in a), max(c["IS"] for c in b))
+    x = (lo + hi) / 2 if lo <= hi else (max(c["IS"] for c in a) + max(c["IS"] for c in b)) / 2
+    return {"IS": x, "a": _interp(a, x, key), "b": _interp(b, x, key), "overlap": lo <= hi}
+
+
+def _rows(rows: list[dict], config: str, rank: int, sweep: bool = False, lr: Optional[float] = None) -> dict[int, dict]:
+    return {r["seed"]: r for r in rows if (r["config"], r["rank"]) == (config, rank)
+            and bool(r.get("sweep")) == sweep and (lr is None or r["lr"] == lr)}
+
+
+def _truncate(curve: list[dict], last_step: int) -> list[dict]:
+    return [c for c in curve if c["step"] <= last_step]
+
+
+def _matched_stats(pairs: list[dict]) -> dict:
+    out = _stat([p["a"] - p["b"] for p in pairs])
+    out.update(matched_seeds=sum(p["overlap"] for p in pairs), IS=[p["IS"] for p in pairs])
     return out
 
 
-def bootstrap_ci(values: list[float], n: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap 95 % interval of the mean."""
-    if not values:
-        return float("nan"), float("nan"), float("nan")
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(n))
-    return sum(values) / len(values), means[int(0.025 * n)], means[int(0.975 * n) - 1]
-
-
 def summarize(rows: list[dict]) -> dict:
-    """The paper-shaped table (final checkpoint IS/TS) and the matched-IS paired differences."""
-    table, paired = {}, {}
-    for method in METHODS:
-        for rank in sorted({r["rank"] for r in rows}):
-            mine = [r for r in rows if (r["method"], r["rank"]) == (method, rank)]
+    """Every table of the report, from the rows alone (see :func:`render_markdown`)."""
+    grid = [r for r in rows if not r.get("sweep")]
+    ranks = sorted({r["rank"] for r in grid})
+    table: dict[str, Any] = {}
+    matched: dict[str, Any] = {}
+    mask_ab: dict[str, Any] = {}
+    along: dict[str, Any] = {}
+    for config in CONFIGS:
+        for rank in ranks:
+            mine = _rows(grid, config, rank)
             if not mine:
                 continue
-            last = [r["curve"][-1] for r in mine]
-            table[f"{method}/r{rank}"] = {k: sum(c[k] for c in last) / len(last)
-                                          for k in ("IS", "TS", "copy_rate", "distance", "diversity", "concept")}
-            if method != "lora":
-                un = [r["unmasked"] for r in mine if "unmasked" in r]
-                if un:
-                    table[f"{method}/r{rank}"]["unmasked"] = {k: sum(u[k] for u in un) / len(un)
-                                                              for k in ("IS", "TS", "copy_rate", "saturation")}
-                for key in ("TS", "copy_rate", "diversity"):
-                    m = matched(rows, method, rank, key)
-                    diffs = [p["method"] - p["lora"] for p in m]
-                    mean, lo, hi = bootstrap_ci(diffs)
-                    paired[f"{method}/r{rank}/{key}"] = {"mean_diff": mean, "ci95": [lo, hi], "seeds": len(diffs),
-                                                         "IS": [p["IS"] for p in m],
-                                                         "overlap": all(p["overlap"] for p in m),
-                                                         "matched_seeds": sum(p["overlap"] for p in m)}
-    return {"table": table, "matched_vs_lora": paired}
+            key = f"{config}/r{rank}"
+            steps = [c["step"] for c in next(iter(mine.values()))["curve"]]
+            last = [r["curve"][-1] for r in mine.values()]
+            table[key] = {k: sum(c[k] for c in last) / len(last) for k in METRICS}
+            table[key]["seeds"] = len(mine)
+            table[key]["lr"] = next(iter(mine.values()))["lr"]
+            # Along training: mean and CI of each metric at each checkpoint (masked, and unmasked for T-LoRAs).
+            along[key] = {"steps": steps}
+            for k in METRICS:
+                along[key][k] = [_stat([r["curve"][i][k] for r in mine.values()]) for i in range(len(steps))]
+                if config != "lora":
+                    along[key][f"unmasked_{k}"] = [_stat([r["curve"][i]["unmasked"][k] for r in mine.values()])
+                                                   for i in range(len(steps))]
+            # Overfitting: the change from the first to the last checkpoint, paired by seed.
+            along[key]["first_to_last"] = {k: _stat([r["curve"][-1][k] - r["curve"][0][k] for r in mine.values()])
+                                           for k in METRICS}
+            if config == "lora":
+                continue
+            table[key]["unmasked"] = {k: sum(c["unmasked"][k] for c in last) / len(last) for k in METRICS}
+            # The mask A/B: masked - unmasked, per seed averaged over checkpoints, and at each checkpoint.
+            mask_ab[key] = {k: _stat([sum(c[k] - c["unmasked"][k] for c in r["curve"]) / len(r["curve"])
+                                      for r in mine.values()]) for k in METRICS}
+            mask_ab[key]["per_step"] = {k: [_stat([r["curve"][i][k] - r["curve"][i]["unmasked"][k]
+                                                   for r in mine.values()]) for i in range(len(steps))]
+                                        for k in METRICS}
+            mask_ab[key]["pairs_IS_lower_unmasked"] = [
+                sum(c["unmasked"]["IS"] < c["IS"] for r in mine.values() for c in r["curve"]),
+                sum(len(r["curve"]) for r in mine.values())]
+            # Matched IS against LoRA (same seed), masked and unmasked.
+            lora = _rows(grid, "lora", rank)
+            seeds = sorted(set(mine) & set(lora))
+            for k in ("TS", "copy_rate"):
+                matched[f"{key}/{k}"] = _matched_stats([matched_pair(mine[s]["curve"], lora[s]["curve"], k) for s in seeds])
+                matched[f"{key}/unmasked/{k}"] = _matched_stats(
+                    [matched_pair(_unmasked_curve(mine[s]), lora[s]["curve"], k) for s in seeds])
+    return {"table": table, "matched_vs_lora": matched, "mask_ab": mask_ab, "along": along, "sweep": sweep_summary(rows)}
+
+
+def sweep_summary(rows: list[dict]) -> dict:
+    """The ortho learning-rate sweep: per configuration/rank/lr, in how many seeds its IS range meets LoRA's."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        if not r.get("sweep"):
+            continue
+        key = f"{r['config']}/r{r['rank']}/lr{r['lr']:g}"
+        if key in out:
+            continue
+        mine = _rows(rows, r["config"], r["rank"], sweep=True, lr=r["lr"])
+        lora = _rows(rows, "lora", r["rank"])
+        last_step = max(c["step"] for c in r["curve"])
+        seeds = sorted(set(mine) & set(lora))
+        pairs = [matched_pair(mine[s]["curve"], _truncate(lora[s]["curve"], last_step), "TS") for s in seeds]
+        out[key] = dict(_matched_stats(pairs), steps=last_step, max_IS=_stat([max(c["IS"] for c in mine[s]["curve"])
+                                                                             for s in seeds]),
+                        lora_max_IS=_stat([max(c["IS"] for c in _truncate(lora[s]["curve"], last_step)) for s in seeds]))
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+def _ci(s: Optional[dict], signed: bool = True) -> str:
+    if not s or s["mean"] != s["mean"]:
+        return "–"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(s['mean'])} [{f.format(s['ci95'][0])}, {f.format(s['ci95'][1])}]"
 
 
 def render_markdown(result: dict) -> str:
     s = result["summary"]
     ranks = sorted({int(k.split("/r")[1]) for k in s["table"]})
-    lines = [f"# T-LoRA vs LoRA on the scenes model ({result['seeds']} seeds)", "",
-             f"Command: `{result['command']}`", "",
-             "Final checkpoint, mean over seeds (IS: concept similarity; TS: changed-attribute accuracy):", "",
-             "| method | " + " | ".join(f"r{r} IS / TS" for r in ranks) + " |",
-             "|---|" + "---:|" * len(ranks)]
-    for method in METHODS:
+    configs = [c for c in CONFIGS if any(f"{c}/r{r}" in s["table"] for r in ranks)]
+    head = "| | " + " | ".join(f"r{r}" for r in ranks) + " |\n|---|" + "---:|" * len(ranks)
+    seeds = sorted({v["seeds"] for v in s["table"].values()})
+    lines = [f"# T-LoRA vs LoRA on the scenes model ({'/'.join(map(str, seeds))} seeds)", "",
+             "Commands:", ""] + [f"    {c}" for c in result["commands"]] + [
+             "", f"Checkpoints at {', '.join(map(str, result['checkpoints']))} steps; {result['samples']} samples per "
+             f"prompt ({result['items']} images per checkpoint); learning rates: "
+             + ", ".join(f"{LABELS[c]} {s['table'][f'{c}/r{ranks[0]}']['lr']:g}" for c in configs) + ".", "",
+             "IS: concept similarity to the training image; TS: accuracy of the attribute a context prompt changes; "
+             "copy rate: context samples that kept the training image's value; saturation: mean HSV saturation "
+             "(\"burnt\" samples score high). Means over seeds, [bootstrap 95 % CI over seeds].", "",
+             "## Final checkpoint", "", "IS / TS, masked (unmasked):", "", head]
+    for c in configs:
         cells = []
         for r in ranks:
-            c = s["table"].get(f"{method}/r{r}")
-            cells.append(f"{c['IS']:.3f} / {c['TS']:.3f}" if c else "–")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
-    lines += ["", "At matched IS (interpolated along each run's checkpoints), T-LoRA minus LoRA, mean over seeds "
-              "[bootstrap 95 % CI]; (k/n): seeds whose two IS ranges overlap, the others are compared at the nearest "
-              "checkpoints (the end of the lower curve's range), so there T-LoRA is also at a lower IS:", "", "| | " + " | ".join(f"r{r}" for r in ranks) + " |",
-              "|---|" + "---:|" * len(ranks)]
-    for method in METHODS[1:]:
-        for key in ("TS", "copy_rate", "diversity"):
+            t = s["table"].get(f"{c}/r{r}")
+            u = t.get("unmasked") if t else None
+            cells.append("–" if not t else f"{t['IS']:.3f} / {t['TS']:.3f}"
+                         + (f" ({u['IS']:.3f} / {u['TS']:.3f})" if u else ""))
+        lines.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
+    lines += ["", "## T-LoRA − LoRA at matched IS", "",
+              "Interpolated along each run's checkpoints, paired by seed; (k/n): seeds whose IS ranges overlap (the "
+              "others are read at the end of the lower curve, where the T-LoRA is also at a lower IS).", "", head]
+    for c in configs[1:] if configs[:1] == ["lora"] else configs:
+        for k, masked in (("TS", True), ("TS", False), ("copy_rate", True)):
             cells = []
             for r in ranks:
-                p = s["matched_vs_lora"].get(f"{method}/r{r}/{key}")
-                matched = (f" ({p['matched_seeds']}/{p['seeds']})" if p and "matched_seeds" in p and key == "TS" else "")
-                cells.append(f"{p['mean_diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]{matched}" if p else "–")
-            lines.append(f"| {LABELS[method]} Δ{key} | " + " | ".join(cells) + " |")
-    lines += ["", "Without the mask (the same T-LoRA files, every rank at every step), final checkpoint:", "",
-              "| | " + " | ".join(f"r{r} IS / TS / saturation" for r in ranks) + " |", "|---|" + "---:|" * len(ranks)]
-    for method in METHODS[1:]:
-        cells = []
-        for r in ranks:
-            c = s["table"].get(f"{method}/r{r}")
-            u = c.get("unmasked") if c else None
-            cells.append(f"{u['IS']:.3f} / {u['TS']:.3f} / {u['saturation']:.3f}" if u else "–")
-        lines.append(f"| {LABELS[method]}, unmasked | " + " | ".join(cells) + " |")
-    lines.append(f"\nSeconds: {result['seconds']:.0f}.")
+                p = s["matched_vs_lora"].get(f"{c}/r{r}/{k}" if masked else f"{c}/r{r}/unmasked/{k}")
+                cells.append(f"{_ci(p)} ({p['matched_seeds']}/{p['n']})" if p else "–")
+            lines.append(f"| {LABELS[c]}{'' if masked else ', unmasked'} Δ{k} | " + " | ".join(cells) + " |")
+    lines += ["", "## The mask at inference: masked − unmasked", "",
+              "The same T-LoRA files sampled with the same seeds with and without `TLoRAPatch`; per seed the mean over "
+              "checkpoints; (k/n): (seed, checkpoint) pairs in which the unmasked IS is lower.", "", head]
+    for c in configs:
+        if c == "lora":
+            continue
+        for k in METRICS:
+            cells = []
+            for r in ranks:
+                ab = s["mask_ab"].get(f"{c}/r{r}")
+                extra = f" ({ab['pairs_IS_lower_unmasked'][0]}/{ab['pairs_IS_lower_unmasked'][1]})" if ab and k == "IS" else ""
+                cells.append(_ci(ab[k]) + extra if ab else "–")
+            lines.append(f"| {LABELS[c]} Δ{k} | " + " | ".join(cells) + " |")
+    lines += ["", "## Along training: last − first checkpoint", "",
+              f"Paired by seed, {result['checkpoints'][-1]} − {result['checkpoints'][0]} steps (masked).", "", head]
+    for c in configs:
+        for k in ("IS", "TS", "copy_rate"):
+            cells = [_ci(s["along"].get(f"{c}/r{r}", {}).get("first_to_last", {}).get(k)) for r in ranks]
+            lines.append(f"| {LABELS[c]} Δ{k} | " + " | ".join(cells) + " |")
+    if s.get("sweep"):
+        lines += ["", "## Ortho learning-rate sweep", "",
+                  "Per configuration, rank and learning rate: ΔTS against LoRA at matched IS (up to the sweep's last "
+                  "checkpoint), seeds whose IS range meets LoRA's, highest IS reached (LoRA's in the same steps).", "",
+                  "| run | ΔTS at matched IS | matched seeds | max IS | LoRA max IS |", "|---|---:|---:|---:|---:|"]
+        for key, v in sorted(s["sweep"].items(), key=lambda kv: (kv[0].split("/lr")[0], float(kv[0].split("/lr")[1]))):
+            lines.append(f"| {key} ({v['steps']} steps) | {_ci(v)} | {v['matched_seeds']}/{v['n']} | "
+                         f"{_ci(v['max_IS'], False)} | {_ci(v['lora_max_IS'], False)} |")
+    lines.append(f"\nCPU seconds of training and sampling, summed over runs: {result['seconds']:.0f}.")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
+    """Per configuration and rank: TS against IS along training, mean over seeds with 95 % CI bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranks = sorted({r["rank"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(ranks), figsize=(4.2 * len(ranks), 3.6), squeeze=False)
-    colours = {"lora": "tab:red", "tlora": "tab:blue", "tlora_ortho": "tab:green"}
-    for ax, rank in zip(axes[0], ranks):
-        for method in METHODS:
-            for i, row in enumerate(r for r in result["rows"] if (r["method"], r["rank"]) == (method, rank)):
-                xs, ys = [c["IS"] for c in row["curve"]], [c["TS"] for c in row["curve"]]
-                ax.plot(xs, ys, "-o", ms=3, color=colours[method], alpha=0.6, label=LABELS[method] if i == 0 else None)
-        ax.set_title(f"rank {rank}")
-        ax.set_xlabel("IS (concept similarity)")
-        ax.set_ylabel("TS (prompt following)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle("Along training (checkpoints), each seed a line: up and right is better")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    along = result["summary"]["along"]
+    ranks = sorted({int(k.split("/r")[1]) for k in along})
+    configs = [c for c in TLORA_CONFIGS if any(f"{c}/r{r}" in along for r in ranks)]
+    fig, axes = plt.subplots(len(configs), len(ranks), figsize=(3.6 * len(ranks), 3.0 * len(configs)),
+                             squeeze=False, sharex=True, sharey=True)
 
+    def series(ax: Any, a: dict, prefix: str, colour: str, style: str, label: str) -> None:
+        xs = [p["mean"] for p in a[f"{prefix}IS"]]
+        ys = [p["mean"] for p in a[f"{prefix}TS"]]
+        lo = [p["ci95"][0] for p in a[f"{prefix}TS"]]
+        hi = [p["ci95"][1] for p in a[f"{prefix}TS"]]
+        ax.fill(xs + xs[::-1], hi + lo[::-1], color=colour, alpha=0.15, lw=0)
+        ax.plot(xs, ys, style, color=colour, ms=3, label=label)
+        ax.annotate(str(a["steps"][-1]), (xs[-1], ys[-1]), fontsize=6, color=colour)
+
+    for row, config in zip(axes, configs):
+        for ax, rank in zip(row, ranks):
+            if f"lora/r{rank}" in along:
+                series(ax, along[f"lora/r{rank}"], "", "tab:red", "-o", "LoRA")
+            a = along.get(f"{config}/r{rank}")
+            if a:
+                series(ax, a, "", "tab:blue", "-o", "T-LoRA, masked")
+                series(ax, a, "unmasked_", "tab:gray", "--s", "same file, unmasked")
+            ax.set_title(f"{LABELS[config]}, rank {rank}", fontsize=8)
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("IS (concept similarity)")
+    for row in axes:
+        row[0].set_ylabel("TS (prompt following)")
+    axes[0][0].legend(fontsize="x-small")
+    fig.suptitle("Along training (points: checkpoints, last one labelled), mean over seeds, 95 % CI of TS shaded:\n"
+                 "up and right is better", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- running --------------------------------------------------------------------------------------------
 
 _WORKER: dict = {}
 
 
-def _worker_init(weights: Path, threads: int, checkpoints: list[int], lr: float, work: str, samples: int) -> None:
+def _worker_init(weights: Path, threads: int, work: str) -> None:
     """Load the pipeline and evaluator once per process."""
     import torch
 
@@ -235,83 +391,142 @@ def _worker_init(weights: Path, threads: int, checkpoints: list[int], lr: float,
 
     with quiet_libraries(False):
         _WORKER.update(pipe=load_pipeline(weights / "pipeline"), evaluator=load_evaluator(weights), weights=weights,
-                       checkpoints=checkpoints, lr=lr, work=Path(work), samples=samples)
+                       work=Path(work))
 
 
-def _worker_run(job: tuple[str, int, int]) -> dict:
+def _job_key(job: dict) -> str:
+    return json.dumps({k: job[k] for k in ("config", "rank", "seed", "lr", "checkpoints", "samples", "sweep")},
+                      sort_keys=True)
+
+
+def _worker_run(job: dict) -> dict:
     from tlora_diffusers.cli._common import quiet_libraries
 
-    method, rank, seed = job
     w = _WORKER
     t0 = time.perf_counter()
     with quiet_libraries(False):
-        row = run_one(method, rank, seed, w["checkpoints"], w["lr"], w["work"], w["pipe"], w["evaluator"],
-                      w["samples"], w["weights"] / "pipeline")
+        row = run_one(job["config"], job["rank"], job["seed"], job["checkpoints"], job["lr"], w["work"], w["pipe"],
+                      w["evaluator"], job["samples"], w["weights"] / "pipeline")
+    row.update(sweep=job["sweep"], seconds=time.perf_counter() - t0, key=_job_key(job))
     last = row["curve"][-1]
-    row["seconds"] = time.perf_counter() - t0
-    print(f"[experiment] seed {seed} rank {rank} {method}: IS {last['IS']:.3f} TS {last['TS']:.3f} "
-          f"copy {last['copy_rate']:.2f} ({row['seconds']:.0f} s)", flush=True)
+    un = f" unmasked IS {last['unmasked']['IS']:.3f} TS {last['unmasked']['TS']:.3f}" if "unmasked" in last else ""
+    print(f"[experiment] {'sweep ' if job['sweep'] else ''}{job['config']} r{job['rank']} s{job['seed']} "
+          f"lr {job['lr']:g}: IS {last['IS']:.3f} TS {last['TS']:.3f}{un} ({row['seconds']:.0f} s)", flush=True)
     return row
+
+
+def read_rows(work: Path) -> list[dict]:
+    path = work / "rows.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_results(out: Path, name: str, rows: list[dict], commands: list[str], checkpoints: list[int],
+                  samples: int, items: int) -> dict:
+    """``<name>.json``, ``.md`` and ``.png`` from ``rows`` (atomic: each is written beside, then renamed)."""
+    result = {"name": name, "commands": commands, "seeds": len({r["seed"] for r in rows if not r.get("sweep")}),
+              "ranks": sorted({r["rank"] for r in rows if not r.get("sweep")}), "checkpoints": checkpoints,
+              "samples": samples, "items": items, "rows": rows,
+              "seconds": sum(r.get("seconds", 0.0) for r in rows)}
+    result["summary"] = summarize(rows)
+    for suffix, write in ((".json", lambda p: p.write_text(json.dumps(result, indent=1))),
+                          (".md", lambda p: p.write_text(render_markdown(result))),
+                          (".png", lambda p: plot(result, p))):
+        final = out / f"{name}{suffix}"
+        part = final.with_name(f"{final.stem}.tmp{suffix}")
+        write(part)
+        os.replace(part, final)
+    return result
 
 
 def rerender(path: Path) -> dict:
     """Recompute the summary, markdown and plot of a committed result from its rows (no training)."""
     result = json.loads(path.read_text())
-    result["summary"] = summarize(result["rows"])
-    path.write_text(json.dumps(result, indent=2))
-    path.with_suffix(".md").write_text(render_markdown(result))
-    plot(result, path.with_suffix(".png"))
-    return result
+    return write_results(path.parent, result["name"], result["rows"], result["commands"], result["checkpoints"],
+                         result["samples"], result["items"])
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, rank 8, 2 checkpoints (<= 10 min)")
+    p.add_argument("--quick", action="store_true", help="1 seed, rank 8, checkpoints 50/100, 2 samples (minutes)")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--ranks", default="4,8,16")
-    p.add_argument("--checkpoints", default="100,200,300,400", help="training steps at which to evaluate")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (constant)")
+    p.add_argument("--configs", default=",".join(c for c in CONFIGS if c not in ORTHO_CONFIGS),
+                   help=f"which of {', '.join(CONFIGS)} to run (ortho ones need --ortho-lr)")
+    p.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)), help="training steps at which to evaluate")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate of LoRA and vanilla T-LoRA (constant)")
+    p.add_argument("--ortho-lr", type=float, default=None, help="learning rate of the ortho configurations")
+    p.add_argument("--sweep-ortho-lrs", default="",
+                   help="also run the ortho sweep: these learning rates, rank 8, 2 seeds, checkpoints "
+                        + ",".join(map(str, SWEEP_CHECKPOINTS)))
     p.add_argument("--samples", type=int, default=4, help="samples per prompt")
-    p.add_argument("--threads", type=int, default=2, help="torch threads in all (split between workers)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes training runs in parallel, each with threads/workers torch threads")
+    p.add_argument("--workers", type=int, default=1, help="processes running jobs in parallel, one torch thread each")
     p.add_argument("--out", default=str(REPO / "bench-out"))
     p.add_argument("--weights", default=None, help="a scenes weights folder (default: the shipped one)")
     args = p.parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     from tlora_diffusers.scenes import WEIGHTS
+    from tlora_diffusers.scenes.evaluate import concept_scene, customization_prompts
 
     seeds = [0] if args.quick else list(range(args.seeds))
     ranks = [8] if args.quick else [int(r) for r in args.ranks.split(",")]
-    checkpoints = [100, 200] if args.quick else [int(s) for s in args.checkpoints.split(",")]
+    checkpoints = [50, 100] if args.quick else [int(s) for s in args.checkpoints.split(",")]
+    samples = 2 if args.quick else args.samples
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in CONFIGS:
+            p.error(f"--configs: unknown configuration {c!r}; choose from {', '.join(CONFIGS)}")
+        if c in ORTHO_CONFIGS and args.ortho_lr is None:
+            p.error(f"--configs {c} needs --ortho-lr (find it with --sweep-ortho-lrs)")
+    jobs = []
+    for lr in [float(x) for x in args.sweep_ortho_lrs.split(",") if x.strip()]:
+        for seed in seeds[:2]:
+            jobs += [dict(config="lora", rank=8, seed=seed, lr=args.lr, checkpoints=checkpoints, samples=samples,
+                          sweep=False)]
+            jobs += [dict(config=c, rank=8, seed=seed, lr=lr, checkpoints=list(SWEEP_CHECKPOINTS), samples=samples,
+                          sweep=True) for c in ORTHO_CONFIGS]
+    jobs += [dict(config=c, rank=rank, seed=seed, lr=args.ortho_lr if c in ORTHO_CONFIGS else args.lr,
+                  checkpoints=checkpoints, samples=samples, sweep=False)
+             for seed in seeds for rank in ranks for c in configs]
     out = Path(args.out)
     work = out / "experiment-work"
     work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    name = "tlora_effect-quick" if args.quick else "tlora_effect"
+    command = "python benchmarks/experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta_path = work / "commands.json"
+    commands = json.loads(meta_path.read_text()) if meta_path.exists() else []
+    if command not in commands:
+        commands.append(command)
+        meta_path.write_text(json.dumps(commands))
+    done = {r["key"] for r in read_rows(work)}
+    todo, seen = [], set(done)
+    for job in jobs:
+        if _job_key(job) not in seen:
+            seen.add(_job_key(job))
+            todo.append(job)
+    print(f"[experiment] {len(todo)} runs to do ({len(jobs) - len(todo)} already in {work / 'rows.jsonl'})", flush=True)
     weights = Path(args.weights) if args.weights else WEIGHTS
-    jobs = [(method, rank, seed) for seed in seeds for rank in ranks for method in METHODS]
-    setup = (weights, max(1, args.threads // max(1, args.workers)), checkpoints, args.lr, str(work), args.samples)
-    if args.workers > 1:
+    setup = (weights, 1, str(work))
+
+    def record(row: dict) -> None:
+        with open(work / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if args.workers > 1 and len(todo) > 1:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                  initargs=setup) as pool:
-            rows = list(pool.map(_worker_run, jobs))
-    else:
+            for future in as_completed([pool.submit(_worker_run, job) for job in todo]):
+                record(future.result())
+    elif todo:
         _worker_init(*setup)
-        rows = [_worker_run(job) for job in jobs]
-    name = "tlora_effect-quick" if args.quick else "tlora_effect"
-    result = {"name": name, "command": "python benchmarks/experiment.py " + " ".join(argv or sys.argv[1:]),
-              "seeds": len(seeds), "ranks": ranks, "checkpoints": checkpoints, "lr": args.lr, "rows": rows,
-              "seconds": time.perf_counter() - started}
-    result["summary"] = summarize(rows)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(render_markdown(result))
-    plot(result, out / f"{name}.png")
-    shutil.rmtree(work, ignore_errors=True)
+        for job in todo:
+            record(_worker_run(job))
+    items = len(customization_prompts(concept_scene(0), samples))
+    result = write_results(out, name, read_rows(work), commands, checkpoints, samples, items)
     print(render_markdown(result))
     return result
 
