@@ -79,7 +79,7 @@ def reference_rank(t: float, max_rank: int, min_rank: int, alpha: float, T: int 
 
 def slot_mode(denoiser: torch.nn.Module):
     """What the denoiser's masked layers apply right now: None (nothing), "weights" or "outputs"."""
-    from tlora_diffusers._attach import attachment_of
+    from tlora_diffusers.runtime.attachment import attachment_of
 
     attachment = attachment_of(denoiser)
     return None if attachment is None else attachment.slot.mode
@@ -110,47 +110,122 @@ def loop_timestep(pipe) -> float:
     return float(sched.timesteps[index])
 
 
-class ReferenceMasks:
-    """An independent reference: plain PyTorch hooks on an *unpatched* pipeline's ``lora_A`` modules
-    that zero the ranks above r(t) of the loop timestep (the paper's formula, written out here).
+class StepRecorder:
+    """Records, in order, every denoiser call and every ``scheduler.step(model_output, timestep, ...)``.
 
-    ``configs``: adapter -> (max_rank, min_rank, alpha, lora_ranks_per_schedule_rank), on ``attrs``.
-    ``per_token``: the pipeline passes (B, tokens) timesteps in scheduler units; a layer whose output
-    is (B, tokens, r) is masked token by token, every other layer by the loop's timestep.
+    ``scheduler.step`` is wrapped on its class (per-frame copies made with ``deepcopy`` share
+    it); each denoiser call is then given the timestep the loop passes to ``pipe.scheduler``'s
+    next step: what the loop actually denoised that call for.
     """
 
-    def __init__(self, pipe, configs, attrs=None, per_token=False, timestep_arg="timestep"):
+    def __init__(self, pipe, attrs):
+        self.pipe, self.attrs = pipe, attrs
+        self.events = []
+
+    def __enter__(self):
+        import functools
+
+        self.classes = {}
+        scheduler = self.pipe.scheduler
+        cls = type(scheduler)
+        original = cls.step
+
+        T = scheduler.config.num_train_timesteps
+        inverted = bool(getattr(scheduler.config, "invert_sigmas", False))  # Mochi: the scheduler counts up
+
+        @functools.wraps(original)
+        def step(sched, *args, **kwargs):
+            t = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).double().reshape(-1).max())
+            self.events.append(("step", sched, T - t if inverted else t))
+            return original(sched, *args, **kwargs)
+
+        self.classes[cls] = original
+        cls.step = step
+        self.handles = [getattr(self.pipe, a).register_forward_pre_hook(
+            lambda m, args, kwargs, a=a: self.events.append(("call", a, None)), with_kwargs=True) for a in self.attrs]
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self.classes.items():
+            cls.step = original
+        for h in self.handles:
+            h.remove()
+
+    def call_timesteps(self):
+        """The loop timestep of each denoiser call, in call order (``None`` if no step followed)."""
+        out, pending = [], 0
+        for kind, who, t in self.events:
+            if kind == "call":
+                out.append(None)
+                pending += 1
+            elif who is self.pipe.scheduler and pending:
+                for i in range(len(out) - pending, len(out)):
+                    out[i] = t
+                pending = 0
+        return out
+
+
+class ReferenceMasks:
+    """An independent reference: plain PyTorch hooks on an *unpatched* pipeline's ``lora_A`` modules
+    that zero the ranks above r(t) (the paper's formula, written out here) of the timestep the loop
+    passes to ``scheduler.step`` after each call (recorded by a first run, :meth:`record`).
+
+    ``configs``: adapter -> (max_rank, min_rank, alpha, lora_ranks_per_schedule_rank), on ``attrs``.
+    ``per_token``: the pipeline passes (B, tokens) or (B, frames) timesteps in scheduler units; a layer
+    named by ``token_layer`` (the model's token rows, frame-major) is masked token by token, every other
+    layer by the loop's timestep.
+    """
+
+    def __init__(self, pipe, configs, attrs=None, per_token=False, timestep_arg="timestep", token_layer=None):
         self.pipe, self.configs = pipe, configs
         self.attrs = attrs or [a for a in ("unet", "transformer", "transformer_2", "controlnet")
                                if isinstance(getattr(pipe, a, None), torch.nn.Module)]
-        self.per_token, self.timestep_arg = per_token, timestep_arg
+        self.per_token, self.timestep_arg, self.token_layer = per_token, timestep_arg, token_layer
         self.handles, self.state = [], {}
         self.ranks_seen, self.times = [], []
+        self.recorded = None
+
+    def record(self, run):
+        """Run ``run()`` once unpatched and unmasked, recording each call's loop timestep; returns its result."""
+        with StepRecorder(self.pipe, self.attrs) as rec:
+            result = run()
+        self.recorded = rec.call_timesteps()
+        return result
 
     def __enter__(self):
         T = self.pipe.scheduler.config.num_train_timesteps
+        calls = iter(range(10 ** 9))
         for attr in self.attrs:
             den = getattr(self.pipe, attr)
 
             def pre(module, args, kwargs):
-                self.state["t"] = loop_timestep(self.pipe)
-                self.times.append(self.state["t"])
-                raw = kwargs.get(self.timestep_arg)
-                self.state["raw"] = raw
-                self.ranks_seen.append({a: reference_rank(self.state["t"], *c[:3], T=T) for a, c in self.configs.items()})
+                i = next(calls)
+                t = self.recorded[i] if self.recorded is not None and i < len(self.recorded) else None
+                if t is None:
+                    t = loop_timestep(self.pipe)
+                self.state["t"] = t
+                self.times.append(t)
+                self.state["raw"] = kwargs.get(self.timestep_arg)
+                self.ranks_seen.append({a: reference_rank(t, *c[:3], T=T) for a, c in self.configs.items()})
 
             self.handles.append(den.register_forward_pre_hook(pre, with_kwargs=True))
             for name, module in den.named_modules():
                 for adapter, (max_rank, min_rank, alpha, per) in self.configs.items():
                     if not name.endswith(f"lora_A.{adapter}"):
                         continue
-                    def hook(m, args, out, c=(max_rank, min_rank, alpha, per)):
+                    path = name[: -len(f".lora_A.{adapter}")]
+
+                    def hook(m, args, out, c=(max_rank, min_rank, alpha, per), path=path):
                         dim = -1 if isinstance(m, torch.nn.Linear) else 1
                         raw = self.state.get("raw")
-                        tokenwise = (self.per_token and isinstance(raw, torch.Tensor) and raw.ndim == 2
-                                     and out.ndim == 3 and tuple(out.shape[:2]) == tuple(raw.shape))
+                        raw = torch.as_tensor(raw) if raw is not None else None
+                        while raw is not None and raw.ndim > 1 and raw.shape[-1] == 1:
+                            raw = raw[..., 0]
+                        tokenwise = (self.per_token and raw is not None and raw.ndim == 2 and out.ndim == 3
+                                     and out.shape[0] == raw.shape[0] and out.shape[1] % raw.shape[1] == 0
+                                     and (self.token_layer is None or self.token_layer(path)))
                         if tokenwise:
-                            t_tok = torch.as_tensor(self.state["raw"]).double()  # (B, seq), scheduler units
+                            t_tok = raw.double().repeat_interleave(out.shape[1] // raw.shape[1], dim=1)
                             r = torch.tensor([[reference_rank(float(v), *c[:3], T=T) for v in row] for row in t_tok])
                             mask = (torch.arange(out.shape[-1])[None, None] < (r * c[3])[..., None]).to(out.dtype)
                             return out * mask

@@ -22,7 +22,9 @@ def run(pipe, steps=3, seed=0, **kw):
 def reference(pipe, configs, **kw):
     """The unpatched pipeline with reference masks: adapter -> TLoRAConfig."""
     spec = {a: (c.max_rank, c.min_rank, c.alpha, 2 if c.layout == "paired" else 1) for a, c in configs.items()}
-    with ReferenceMasks(pipe, spec):
+    ref = ReferenceMasks(pipe, spec)
+    ref.record(lambda: run(pipe, **kw))
+    with ref:
         return run(pipe, **kw)
 
 

@@ -9,7 +9,7 @@ from conftest import ReferenceMasks, loop_timestep, reference_rank
 from peft import LoraConfig, inject_adapter_in_model
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
-from tlora_diffusers.models import ModelFamily, conventions, family_of, model_families, register_model_family
+from tlora_diffusers.models import ModelFamily, conventions, describe, model_families, register_model_family
 from tlora_diffusers.testing import tiny_cases
 
 CASES = tiny_cases()
@@ -37,6 +37,8 @@ def build(case, seed=0):
 
 
 def output(result):
+    if isinstance(result, torch.Tensor):  # a modular pipeline called with output="..."
+        return result
     images = result.images if hasattr(result, "images") else result.frames if hasattr(result, "frames") else result[0]
     return torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images
 
@@ -46,9 +48,11 @@ def output(result):
 def test_every_stock_pipeline_equals_the_reference(name):
     case = CASES[name]
     pipe = build(case)
-    family = family_of(getattr(pipe, case.denoiser_attrs[0]))
-    with ReferenceMasks(pipe, {"default": (8, 1, 1.0, 1)}, list(case.denoiser_attrs), per_token=case.per_token,
-                        timestep_arg=family.timestep_arg) as ref:
+    info = describe(getattr(pipe, case.denoiser_attrs[0]))
+    ref = ReferenceMasks(pipe, {"default": (8, 1, 1.0, 1)}, list(case.denoiser_attrs), per_token=case.per_token,
+                         timestep_arg=info.timestep_arg, token_layer=info.token_layers)
+    ref.record(lambda: pipe(**case.inputs(pipe, 0)))
+    with ref:
         expected = output(pipe(**case.inputs(pipe, 0)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the video families warn (experimental); tested below
@@ -61,8 +65,7 @@ def test_every_stock_pipeline_equals_the_reference(name):
     # at any call moves outputs by more than 1e-3.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     T = pipe.scheduler.config.num_train_timesteps
-    assert ref.times and all(t in set(pipe.scheduler.timesteps.tolist()) or t == loop_t
-                             for t, loop_t in zip(ref.times, ref.times))
+    assert ref.times and None not in ref.recorded[:1]  # the first call's loop timestep came from scheduler.step
     ranks = [r["default"] for r in ref.ranks_seen]
     assert ranks == [reference_rank(t, 8, 1, 1.0, T) for t in ref.times]
     assert ranks[0] <= ranks[-1]  # few ranks at high noise, more at low noise
@@ -103,7 +106,7 @@ def test_a_wrong_convention_is_an_error_not_a_clamp():
                            "convention": conventions.FRACTION})  # the "scale=1000" a user might register
     register_model_family(wrong, replace=True)
     try:
-        with pytest.raises(ValueError, match=r"the pipeline's loop is at t=1000 .*register_model_family"):
+        with pytest.raises(ValueError, match=r"converts to t=0, but that is not the loop's t=1000: .*It fits '1 - t / T .*register_model_family"):
             with TLoRAPatch(pipe, CFG):
                 pipe(**case.inputs(pipe, 0))
     finally:
@@ -169,7 +172,9 @@ def test_wan22_a14b_masks_both_experts_each_by_the_file_loaded_into_it(tmp_path,
         load_tlora(pipe, files["high"], adapter_name="high")
         load_tlora(pipe, files["low"], adapter_name="low", component="transformer_2")
     ref_cfg = {"high": (8, 1, 1.0, 1), "low": (8, 4, 2.0, 1)}
-    with ReferenceMasks(pipe, ref_cfg, ["transformer", "transformer_2"]) as ref:
+    ref = ReferenceMasks(pipe, ref_cfg, ["transformer", "transformer_2"])
+    ref.record(lambda: pipe(**case.inputs(pipe, 0)))
+    with ref:
         expected = output(pipe(**case.inputs(pipe, 0)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,7 +8,7 @@ from conftest import add_lora, reference_rank, run_concurrently, state_hash, une
 from peft import LoraConfig
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
-from tlora_diffusers._attach import attachment_of
+from tlora_diffusers.runtime.attachment import attachment_of
 from tlora_diffusers.tiny import tiny_pipeline, tiny_prompt_embeds
 
 
@@ -54,7 +54,7 @@ def test_masked_unet_equals_truncated_lora(unet, t):
 def test_memoised_masks_of_revisited_timesteps_equal_the_reference_and_stay_bounded(unet, monkeypatch):
     """Masks of a shared timestep are memoised by value (a run's timesteps recur image after image): a revisited
     timestep, after others, still gives the truncated LoRA's output, and the memo does not grow without bound."""
-    import tlora_diffusers._attach as attach
+    import tlora_diffusers.runtime.attachment as attach
 
     cfg = TLoRAConfig(8, 1, 1.0)
     x = unet_inputs(unet)
@@ -65,8 +65,8 @@ def test_memoised_masks_of_revisited_timesteps_equal_the_reference_and_stay_boun
             torch.testing.assert_close(unet(timestep=torch.tensor(float(t)), **x).sample, expected[t], rtol=0, atol=0)
         for t in range(10, 20):
             unet(timestep=torch.tensor(float(t)), **x)
-        part = attachment_of(unet).parts[0]
-        assert len(part._shared_masks) == 4
+        binding = attachment_of(unet).bindings[0]
+        assert len(binding._shared_masks) == 4
         torch.testing.assert_close(unet(timestep=999, **x).sample, expected[999], rtol=0, atol=0)
 
 
@@ -248,7 +248,7 @@ def test_error_rank_mismatch_names_adapter_and_adapter_selection():
 
 def test_error_unknown_denoiser_lists_supported_and_how_to_register():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(TypeError, match=r"no T-LoRA model family knows Sequential; supported: .*UNet2DConditionModel.*register_model_family"):
+    with pytest.raises(TypeError, match=r"no T-LoRA model family knows Sequential and .*Supported families: .*UNet2DConditionModel.*register_model_family"):
         TLoRAPatch(model, TLoRAConfig(4))
 
 
@@ -420,15 +420,15 @@ def test_mask_reaches_each_device_once_without_host_round_trip():
     """Layers on different devices get the mask on their own device, converted once per call per
     (device, dtype). Meta tensors stand in for a second device: they have no data, so any host
     read of the mask there would raise."""
-    from types import SimpleNamespace
 
-    from tlora_diffusers._calls import CallMasks
+    from tlora_diffusers.runtime.layer import LayerMask
+    from tlora_diffusers.runtime.slot import CallMasks
 
     mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     call = CallMasks({"a": mask})
 
     def layer(rank_dim, name):
-        return SimpleNamespace(_tlora_adapter="a", _tlora_rank_dim=rank_dim, _tlora_tokenwise=False, _tlora_name=name)
+        return LayerMask(None, "a", rank_dim, False, name)
 
     cpu_out = torch.ones(2, 3, 4)
     meta_out = torch.empty(2, 3, 4, device="meta", dtype=torch.bfloat16)
@@ -535,9 +535,9 @@ def test_a_second_denoiser_with_lora_is_masked_too():
 @pytest.mark.parametrize("value", [-5.0, -0.05, 0.0, 500.0, 1000.0, 1000.05, 1003.0, float("nan")])
 def test_range_check_of_one_timestep_agrees_with_the_tensor_path(value):
     """The one-value fast path of check_range returns and refuses exactly what the tensor path does."""
-    from tlora_diffusers._verify import check_range
+    from tlora_diffusers.runtime.timesteps import check_range
 
-    raw = torch.tensor([value], dtype=torch.float32)  # tolerance 0.1 at T=1000
+    raw = 0.1  # tolerance 0.1 at T=1000
     one, many = torch.tensor([value]), torch.tensor([value, 500.0])
     try:
         expected = check_range(many, raw, 1000, "x", "scale 1")[:1]

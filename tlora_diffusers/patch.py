@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import functools
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch.nn as nn
 
-from ._attach import CURRENT_RUN, Attachment, DenoiserPatch, RunState, attachment_of, warn_video
-from ._verify import check_scheduler
 from .backends import active_adapters, find_mask_sites, loaded_adapters
 from .config import TLoRAConfig
-from .models import ModelFamily, family_of, find_family, pipeline_denoisers
+from .metadata import adapter_schedules
+from .models.generic import Denoiser, describe, is_text_model, pipeline_denoisers
+from .runtime.attachment import CURRENT_RUN, Attachment, Binding, RunState, attachment_of, warn_video
+from .runtime.clock import LoopClock, components_of, pipeline_refusal
 
 __all__ = ["TLoRAPatch"]
 
@@ -29,10 +29,6 @@ def _patch_of(pipeline: Any) -> Optional["TLoRAPatch"]:
 
 def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)  # torch.compile's OptimizedModule
-
-
-def _is_text_model(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(("transformers.", "open_clip"))
 
 
 def _patched_pipeline_class(cls: type) -> type:
@@ -74,95 +70,22 @@ def _check_cfg(cfg: Configs) -> None:
     )
 
 
-def _file_configs(denoiser: nn.Module, adapters: Sequence[str], name: str,
-                  explicit: Mapping[str, TLoRAConfig]) -> dict[str, TLoRAConfig]:
-    """The T-LoRA configs that loaded files carry, for adapters whose weights are still those files'.
-
-    A config whose weights were hotswapped away is an error unless ``explicit`` gives the adapter's schedule.
-    """
-    from .io.format import config_from_peft, fingerprint_matches
-
-    peft_configs = getattr(denoiser, "peft_config", None) or {}
-    found = {}
-    for adapter in adapters:
-        meta = config_from_peft(peft_configs.get(adapter))
-        if meta is None:
-            continue
-        if not fingerprint_matches(denoiser, adapter, meta):
-            if adapter in explicit:
-                continue
-            raise ValueError(
-                f"adapter {adapter!r} of {name} carries a T-LoRA config {meta.config} whose weights are no longer "
-                "loaded (hotswapped without a patch attached, or changed in place), so its schedule is unknown: "
-                f"pass it, TLoRAPatch(pipe, {{{adapter!r}: TLoRAConfig(max_rank=..., min_rank=..., alpha=...)}}), or "
-                "load the file again without hotswap"
-            )
-        found[adapter] = meta.config
-    return found
-
-
-def _resolve_configs(denoiser: nn.Module, adapters: list[str], cfg: Configs, name: str,
-                     selected: bool) -> dict[str, TLoRAConfig]:
-    """Each adapter's schedule: from ``cfg`` (one for all, or per adapter) or from its file; contradictions are errors."""
-    explicit = dict(cfg) if isinstance(cfg, Mapping) else {a: cfg for a in adapters} if cfg is not None else {}
-    from_files = _file_configs(denoiser, adapters, name, explicit)
-    out, missing = {}, []
-    for adapter in adapters:
-        given, filed = explicit.get(adapter), from_files.get(adapter)
-        if given is None:
-            if filed is None:
-                missing.append(adapter)
-            else:
-                out[adapter] = filed
-            continue
-        if filed is not None:
-            if (given.max_rank, given.min_rank, given.alpha) != (filed.max_rank, filed.min_rank, filed.alpha):
-                raise ValueError(
-                    f"cfg={given} contradicts the T-LoRA config {filed} loaded with adapter {adapter!r}; omit cfg to "
-                    "use the file's config"
-                )
-            given = dataclasses.replace(given, layout=filed.layout)  # the file knows how its ranks are encoded
-        out[adapter] = given
-    if missing:
-        with_files = [a for a in adapters if a in from_files]
-        hint = (f"If {missing} are ordinary LoRAs (a style LoRA, say), mask only the T-LoRA adapters: "
-                f"TLoRAPatch(pipe, adapter_names={with_files!r}). " if with_files and not selected else "")
-        raise ValueError(
-            f"no T-LoRA config was found for adapter(s) {missing} of {name} (files saved by tlora_diffusers carry "
-            f"one; a bare denoiser's load_lora_adapter(path) keeps a file's metadata only with use_safetensors=True). "
-            f"{hint}Otherwise pass the schedule it was trained with: TLoRAPatch(pipe, "
-            f"TLoRAConfig(max_rank=..., min_rank=..., alpha=...)) or one per adapter, "
-            f"TLoRAPatch(pipe, {{{missing[0]!r}: TLoRAConfig(...)}})"
-        )
-    return out
-
-
-def _warn_lora_bias(sites: Sequence[Any], configs: Mapping[str, TLoRAConfig], name: str) -> None:
-    """PEFT's ``lora_bias`` adds ``lora_B``'s bias after the rank bottleneck: no mask reaches it."""
-    for adapter, cfg in configs.items():
-        biased = [s for s in sites if s.adapter == adapter and s.peft_layer is not None
-                  and getattr(s.peft_layer, "lora_bias", {}).get(adapter, False)]
-        if biased and cfg.min_rank == 0:
-            warnings.warn(
-                f"adapter {adapter!r} of {name} has lora_bias=True: lora_B's bias is added at every step whatever the "
-                "mask, so with min_rank=0 the adapter is not fully off at t=T (its bias still applies)",
-                UserWarning, stacklevel=4,
-            )
-
-
 class TLoRAPatch:
-    """Mask T-LoRA ranks by each denoiser call's own timestep, on a stock pipeline or a bare denoiser.
+    """Mask T-LoRA ranks by each denoiser call's timestep, on a stock pipeline or a bare denoiser.
 
     Attaches to every denoiser of the pipeline that carries LoRA layers (``unet``,
-    ``transformer``, Wan 2.2's ``transformer_2``, a ``controlnet``). For every denoiser call
-    it reads that call's timestep, converts it to scheduler units with the denoiser's
-    :class:`~tlora_diffusers.models.ModelFamily` convention, checks it against the
-    pipeline's own loop timestep at the run's first call, builds each adapter's rank mask
-    for ``T = pipe.scheduler.config.num_train_timesteps`` and applies it to that call only.
-    A ``(B,)`` timestep masks each sample separately; a ``(B, tokens)`` one each token.
+    ``transformer``, Wan 2.2's ``transformer_2``, Ideogram4's ``unconditional_transformer``,
+    a ``controlnet``; classic and modular pipelines alike). In a pipeline run, a call whose
+    timestep is the same for the whole batch is masked by the loop's own timestep
+    (``pipe.current_timestep``, the guider's state or ``scheduler.timesteps[step_index]``),
+    exact in every dtype; the denoiser's argument, converted by its family's convention or
+    by one inferred from the loop for classes no family names, verifies it at every call
+    and carries per-sample (``(B,)``) and per-token (``(B, tokens)``) structure. Outside a
+    run (training, your own loop) the argument, converted, is the timestep.
+    ``T = pipe.scheduler.config.num_train_timesteps``.
 
     Args:
-        target: a diffusers pipeline, or a denoiser module.
+        target: a diffusers pipeline (classic or modular), or a denoiser module.
         cfg: the schedule: one :class:`TLoRAConfig` for every masked adapter, a dict of
             adapter name -> config (one schedule per adapter; it also selects the adapters),
             or ``None`` to read each adapter's config from the file it was loaded from.
@@ -198,6 +121,7 @@ class TLoRAPatch:
         if isinstance(cfg, Mapping) and names is None:
             names = list(cfg)
         self._removed = False
+        self._components: dict[str, int] = {}
         if isinstance(target, nn.Module):
             self.pipeline = None
             self._bare_timesteps = 1000 if num_train_timesteps is None else num_train_timesteps
@@ -210,37 +134,47 @@ class TLoRAPatch:
                 )
             if num_train_timesteps is not None:
                 raise TypeError("num_train_timesteps is read from pipe.scheduler; pass it only with a bare denoiser")
-            if getattr(target, "scheduler", None) is None:
+            if components_of(target).get("scheduler") is None:
                 raise ValueError(f"{type(target).__name__} has no scheduler to read num_train_timesteps from")
-            check_scheduler(target)
+            refusal = pipeline_refusal(target)
+            if refusal:
+                raise ValueError(refusal)
             self._bare_timesteps = None
             candidates = self._pipeline_denoisers(target)
         self.num_train_timesteps  # validates T now
-        self._parts = self._plan(candidates, cfg, names)
+        self._bindings = self._plan(candidates, cfg, names)
         self._check_not_patched()
         self._install()
+        if self.pipeline is not None:
+            self._components = self._component_ids()
 
     # -- planning (nothing is changed until every part is valid) ------------------------------
     def _pipeline_denoisers(self, pipe: Any) -> dict[Optional[str], nn.Module]:
         found = pipeline_denoisers(pipe)
+        for name, value in components_of(pipe).items():
+            module = _unwrap(value) if isinstance(value, nn.Module) else None
+            if module is None or name in found or name.startswith("_") or is_text_model(module):
+                continue
+            if active_adapters(module):
+                raise TypeError(
+                    f"pipe.{name} ({type(module).__name__}) carries LoRA layers, but its forward takes no timestep "
+                    "tlora_diffusers can find (a parameter named timestep, timesteps or t): a T-LoRA there cannot be "
+                    "masked. Register its family with the timestep argument: tlora_diffusers.models."
+                    f"register_model_family(ModelFamily(name=..., denoisers=({type(module).__name__!r},), "
+                    "timestep_arg=...))"
+                )
         if not found:
             raise TypeError(
-                f"{type(pipe).__name__} has no denoiser of a known model family; components: "
-                f"{sorted(k for k, v in vars(pipe).items() if isinstance(v, nn.Module))}"
+                f"{type(pipe).__name__} has no denoiser (a component whose forward takes a timestep); components: "
+                f"{sorted(k for k, v in components_of(pipe).items() if isinstance(v, nn.Module))}"
             )
-        for name, value in vars(pipe).items():
-            module = _unwrap(value) if isinstance(value, nn.Module) else None
-            if module is None or name in found or _is_text_model(module) or not active_adapters(module):
-                continue
-            family_of(module)  # a denoiser-like component with LoRA layers but no family: say so
         return found
 
-    def _plan(self, candidates: dict, cfg: Configs, names: Optional[list[str]]) -> list[DenoiserPatch]:
-        parts, seen = [], set()
+    def _plan(self, candidates: dict, cfg: Configs, names: Optional[list[str]]) -> list[Binding]:
+        bindings, seen = [], set()
         for attr, denoiser in candidates.items():
             name = type(denoiser).__name__ if attr is None else f"pipe.{attr}"
-            family = family_of(denoiser) if attr is None else find_family(denoiser)
-            family.check_signature(denoiser)
+            info = describe(denoiser, need_declared=attr is None)  # a bare denoiser has no loop to infer from
             if names is None:
                 adapters = active_adapters(denoiser)
             else:
@@ -249,17 +183,16 @@ class TLoRAPatch:
             if not adapters:
                 continue
             seen.update(adapters)
-            configs = _resolve_configs(denoiser, adapters, cfg, name, selected=names is not None)
+            configs = adapter_schedules(denoiser, adapters, cfg, name, selected=names is not None)
             sites = find_mask_sites(denoiser, configs, name)
-            _warn_lora_bias(sites, configs, name)
-            parts.append(DenoiserPatch(self, denoiser, family, configs, sites, name, watch_new_adapters=names is None))
+            bindings.append(Binding(self, denoiser, info, configs, sites, name, watch_new_adapters=names is None))
         where = "the pipeline's denoisers" if self.pipeline is not None else type(next(iter(candidates.values()))).__name__
         if names is not None:
             missing = [a for a in names if a not in seen]
             if missing:
                 found = sorted({a for d in candidates.values() for a in loaded_adapters(d)})
                 raise ValueError(f"adapter(s) {missing} have no LoRA layers in {where}; adapters found: {found or 'none'}")
-        if not parts:
+        if not bindings:
             names = [type(d).__name__ if a is None else f"pipe.{a}" for a, d in candidates.items()]
             raise ValueError(
                 f"{', '.join(names)} {'has' if len(names) == 1 else 'have'} no LoRA layers to mask: load a LoRA first "
@@ -269,7 +202,7 @@ class TLoRAPatch:
             unused = [a for a in cfg if a not in seen]
             if unused:
                 raise ValueError(f"cfg names adapter(s) {unused} that no denoiser of this target carries")
-        return parts
+        return bindings
 
     def _check_not_patched(self) -> None:
         if self.pipeline is not None and _patch_of(self.pipeline) is not None:
@@ -277,37 +210,40 @@ class TLoRAPatch:
                 f"this {type(self.pipeline).__name__} is already T-LoRA patched; call .remove() on the existing "
                 "patch before patching it again"
             )
-        for part in self._parts:
-            attachment = attachment_of(part.denoiser)
-            if attachment is not None and (self.pipeline is None or any(p.owner.pipeline is None
-                                                                        for p in attachment.parts)):
+        for binding in self._bindings:
+            attachment = attachment_of(binding.denoiser)
+            if attachment is not None and (self.pipeline is None or any(b.owner.pipeline is None
+                                                                        for b in attachment.bindings)):
                 raise RuntimeError(
-                    f"this {type(part.denoiser).__name__} is already T-LoRA patched; call .remove() on the existing "
+                    f"this {type(binding.denoiser).__name__} is already T-LoRA patched; call .remove() on the existing "
                     "patch first (several pipelines sharing one denoiser may each be patched)"
                 )
 
     def _install(self) -> None:
-        done: list[DenoiserPatch] = []
+        done: list[Binding] = []
         try:
-            for part in self._parts:
-                attachment = attachment_of(part.denoiser) or Attachment(part.denoiser, part.family, part.name)
+            for binding in self._bindings:
+                attachment = attachment_of(binding.denoiser) or Attachment(binding.denoiser, binding.name)
                 try:
-                    attachment.add(part)
+                    attachment.add(binding)
                 except BaseException:
-                    if not attachment.parts:
-                        attachment.discard(part)
+                    if not attachment.bindings:
+                        attachment.discard(binding)
                     raise
-                done.append(part)
-                warn_video(part.family)
+                done.append(binding)
+                warn_video(binding.info)
             if self.pipeline is not None:
                 vars(self.pipeline)[_PATCH_ATTR] = self
                 self.pipeline.__class__ = _patched_pipeline_class(type(self.pipeline))
         except BaseException:
-            for part in done:
-                attachment = attachment_of(part.denoiser)
+            for binding in done:
+                attachment = attachment_of(binding.denoiser)
                 if attachment is not None:
-                    attachment.discard(part)
+                    attachment.discard(binding)
             raise
+
+    def _component_ids(self) -> dict[str, int]:
+        return {k: id(v) for k, v in components_of(self.pipeline).items() if isinstance(v, nn.Module)}
 
     # -- per run ----------------------------------------------------------------------------
     @property
@@ -316,17 +252,46 @@ class TLoRAPatch:
         if self.pipeline is None:
             T, source = self._bare_timesteps, "num_train_timesteps"
         else:
-            T = getattr(self.pipeline.scheduler.config, "num_train_timesteps", None)
-            source = f"{type(self.pipeline.scheduler).__name__}.config.num_train_timesteps"
+            scheduler = components_of(self.pipeline).get("scheduler")
+            T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+            source = f"{type(scheduler).__name__}.config.num_train_timesteps"
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"{source} must be an int >= 1, got {T!r}")
         return T
 
     def _run_pipeline(self, call: Any, pipe: Any, args: tuple, kwargs: dict) -> Any:
         self.check()
-        check_scheduler(pipe)
-        CURRENT_RUN.set(RunState(self))
+        self._check_components()
+        refusal = pipeline_refusal(pipe)
+        if refusal:
+            raise ValueError(refusal)
+        CURRENT_RUN.set(RunState(self, pipe, LoopClock(pipe), self.num_train_timesteps))
         return call(pipe, *args, **kwargs)
+
+    def _check_components(self) -> None:
+        """Refuse a run whose pipeline had a denoiser replaced, or gained one with LoRA layers, since patching."""
+        now = self._component_ids()
+        if now == self._components:
+            return
+        patched = {b.name.removeprefix("pipe."): b.denoiser for b in self._bindings}
+        for attr, denoiser in patched.items():
+            current = components_of(self.pipeline).get(attr)
+            if current is None or _unwrap(current) is not denoiser:
+                raise RuntimeError(
+                    f"pipe.{attr} was replaced since patching (now {type(current).__name__}): the patch masks the "
+                    f"{type(denoiser).__name__} it was attached to, and a LoRA in the new one would run unmasked. "
+                    "remove() this patch and patch the pipeline again"
+                )
+        for attr, value in components_of(self.pipeline).items():
+            if attr in patched or not isinstance(value, nn.Module) or self._components.get(attr) == id(value):
+                continue
+            module = _unwrap(value)
+            if not is_text_model(module) and active_adapters(module):
+                raise RuntimeError(
+                    f"pipe.{attr} ({type(module).__name__}) was set since patching and carries LoRA layers that this "
+                    "patch does not mask: remove() this patch and patch the pipeline again"
+                )
+        self._components = now
 
     def check(self) -> None:
         """Raise if a masked adapter was fused, unloaded, replaced or hotswapped without a schedule since
@@ -337,26 +302,26 @@ class TLoRAPatch:
         """
         if self._removed:
             raise RuntimeError("this TLoRAPatch was removed")
-        for part in self._parts:
-            part.check()
+        for binding in self._bindings:
+            binding.check()
 
     # -- handle -----------------------------------------------------------------------------
     @property
     def denoiser(self) -> nn.Module:
         """The (first) patched denoiser."""
-        return self._parts[0].denoiser
+        return self._bindings[0].denoiser
 
     @property
     def denoisers(self) -> dict[str, nn.Module]:
         """Every patched denoiser by pipeline attribute (or class name for a bare denoiser)."""
-        return {p.name.removeprefix("pipe."): p.denoiser for p in self._parts}
+        return {b.name.removeprefix("pipe."): b.denoiser for b in self._bindings}
 
     @property
     def configs(self) -> dict[str, TLoRAConfig]:
         """Each masked adapter's schedule (adapters of several denoisers share names only if they share configs)."""
         out: dict[str, TLoRAConfig] = {}
-        for part in self._parts:
-            out.update(part.configs)
+        for binding in self._bindings:
+            out.update(binding.configs)
         return out
 
     @property
@@ -369,17 +334,23 @@ class TLoRAPatch:
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(dict.fromkeys(a for p in self._parts for a in p.configs))
+        return list(dict.fromkeys(a for b in self._bindings for a in b.configs))
 
     @property
     def layer_names(self) -> list[str]:
         """The masked layers, as ``module path (adapter name)`` (prefixed by the denoiser for several)."""
-        several = len(self._parts) > 1
-        return [f"{p.name}.{s.name}" if several else s.name for p in self._parts for s in p.sites]
+        several = len(self._bindings) > 1
+        return [f"{b.name}.{s.name}" if several else s.name for b in self._bindings for s in b.sites]
 
     @property
-    def families(self) -> dict[str, ModelFamily]:
-        return {p.name: p.family for p in self._parts}
+    def families(self) -> dict[str, Denoiser]:
+        """What the patch knows about each denoiser: its family (or class) name, timestep argument, convention."""
+        return {b.name: b.info for b in self._bindings}
+
+    @property
+    def conventions(self) -> dict[str, Optional[str]]:
+        """Each denoiser's timestep convention: declared, settled from the loop, or ``None`` while still open."""
+        return {b.name: (b.guess.settled.description if b.guess.settled is not None else None) for b in self._bindings}
 
     def remove(self) -> None:
         """Detach every hook, restore layers and the pipeline class bit for bit; idempotent."""
@@ -387,10 +358,10 @@ class TLoRAPatch:
             return
         self._removed = True
         try:
-            for part in self._parts:
-                attachment = attachment_of(part.denoiser)
+            for binding in self._bindings:
+                attachment = attachment_of(binding.denoiser)
                 if attachment is not None:
-                    attachment.discard(part)
+                    attachment.discard(binding)
         finally:
             if self.pipeline is not None and _patch_of(self.pipeline) is self:
                 del vars(self.pipeline)[_PATCH_ATTR]
@@ -405,6 +376,6 @@ class TLoRAPatch:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self._removed else f"{sum(len(p.sites) for p in self._parts)} layers"
-        names = ", ".join(p.name for p in self._parts)
+        state = "removed" if self._removed else f"{sum(len(b.sites) for b in self._bindings)} layers"
+        names = ", ".join(b.name for b in self._bindings)
         return f"TLoRAPatch({names}, {self.configs}, {state})"

@@ -28,7 +28,8 @@ class MaskSite:
 
     ``stale_reason()`` returns ``None`` while the site can be masked, else why it cannot any
     more (the adapter was fused or deleted after patching). ``rank`` is the LoRA rank of the
-    layer (padded ranks included); ``groupable`` sites can run in ``WEIGHTS`` mode.
+    layer (padded ranks included); ``groupable`` sites can run in ``WEIGHTS`` mode;
+    ``layer`` is the backend's own layer object (opaque to the core).
     """
 
     name: str
@@ -37,7 +38,7 @@ class MaskSite:
     rank_dim: int
     rank: int
     stale_reason: Callable[[], Optional[str]]
-    peft_layer: Optional[nn.Module] = None
+    layer: Optional[nn.Module] = None
     path: str = ""
     groupable: bool = False
     backend: str = "peft"
@@ -56,6 +57,12 @@ class LayerBackend(Protocol):
 
     def mask_sites(self, denoiser: nn.Module, adapters: Sequence[str]) -> list[MaskSite]:
         """Sites for ``adapters``; raises ``ValueError`` for layers that cannot be masked."""
+
+    def running_adapters(self, site: MaskSite) -> list[str]:
+        """Adapters the site's layer runs in its forward right now (for the staleness check)."""
+
+    def check_schedules(self, sites: Sequence[MaskSite], configs: Mapping[str, TLoRAConfig], where: str) -> None:
+        """Refuse or warn about adapter settings this kind of layer cannot mask exactly (at patch time)."""
 
     def install(self, site: MaskSite, slot: Any, tokenwise: bool) -> None:
         """Make ``site.module`` apply the masks of ``slot`` (idempotent)."""
@@ -84,7 +91,8 @@ def _load_builtins() -> None:
 def register_layer_backend(backend: LayerBackend, *, replace: bool = False) -> None:
     """Add a backend (asked after the built-ins); a name already registered needs ``replace=True``."""
     _load_builtins()
-    for method in ("active_adapters", "loaded_adapters", "mask_sites", "install", "uninstall"):
+    for method in ("active_adapters", "loaded_adapters", "mask_sites", "running_adapters", "check_schedules",
+                   "install", "uninstall"):
         if not callable(getattr(backend, method, None)):
             raise TypeError(f"a layer backend needs a {method}() method; {type(backend).__name__} has none")
     with _GUARD:
@@ -124,6 +132,8 @@ def find_mask_sites(
     when the padding rows of ``lora_A`` are exactly zero: those ranks are always masked.
     """
     sites = [s for b in layer_backends() for s in b.mask_sites(denoiser, list(configs))]
+    for backend in layer_backends():
+        backend.check_schedules([s for s in sites if s.backend == backend.name], configs, denoiser_name)
     found = {s.adapter for s in sites}
     missing = [a for a in configs if a not in found]
     if missing:

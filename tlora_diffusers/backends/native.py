@@ -11,14 +11,16 @@ layers are for training). Saved files use the exact paired PEFT encoding
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._calls import OUTPUTS, mask_output
+from ..config import TLoRAConfig
 from ..ortho import paired_lora_factors
+from ..runtime.layer import LAYER_ATTR, LayerMask
+from ..runtime.slot import OUTPUTS, mask_output
 from . import MaskSite
 
 __all__ = ["OrthoTLoRALayer", "NativeBackend"]
@@ -79,8 +81,8 @@ class OrthoTLoRALayer(nn.Module):
 
     def _gate(self, h: torch.Tensor) -> torch.Tensor:
         """The rank bottleneck: masked by the current call when a patch is attached."""
-        slot = self.__dict__.get("_tlora_slot")
-        if slot is None or slot.mode is not OUTPUTS:
+        state = self.__dict__.get(LAYER_ATTR)
+        if state is None or state.slot.mode is not OUTPUTS:
             return h
         return mask_output(self, h)
 
@@ -118,14 +120,17 @@ class NativeBackend:
             if isinstance(layer, OrthoTLoRALayer)
         ]
 
+    def running_adapters(self, site: MaskSite) -> list[str]:
+        return [site.adapter]
+
+    def check_schedules(self, sites: Sequence[MaskSite], configs: Mapping[str, TLoRAConfig], where: str) -> None:
+        return None
+
     def install(self, site: MaskSite, slot, tokenwise: bool) -> None:
-        d = site.module.__dict__
-        d["_tlora_slot"], d["_tlora_adapter"], d["_tlora_rank_dim"] = slot, site.adapter, site.rank_dim
-        d["_tlora_tokenwise"], d["_tlora_name"] = tokenwise, site.name
+        site.module.__dict__[LAYER_ATTR] = LayerMask(slot, site.adapter, site.rank_dim, tokenwise, site.name)
 
     def uninstall(self, site: MaskSite) -> None:
-        for key in [k for k in site.module.__dict__ if k.startswith("_tlora_")]:
-            del site.module.__dict__[key]
+        site.module.__dict__.pop(LAYER_ATTR, None)
 
 
 def _always_valid() -> Optional[str]:

@@ -2,7 +2,7 @@
 
 PEFT computes ``lora_B(lora_A(dropout(x))) * scaling``; the rank bottleneck is
 ``lora_A[adapter]``. Patching swaps that module's class for a subclass whose ``forward``
-reads the denoiser's :class:`~tlora_diffusers._calls.DenoiserSlot` (``state_dict`` keys,
+reads the denoiser's :class:`~tlora_diffusers.runtime.slot.DenoiserSlot` (``state_dict`` keys,
 parameters and PEFT's own ``forward`` stay untouched):
 
 * in ``WEIGHTS`` mode it multiplies by its weight masked for the call, a view into one
@@ -17,13 +17,16 @@ independent copies (a post-hook), so ``save_lora_weights`` and safetensors work 
 from __future__ import annotations
 
 import copyreg
-from typing import Any, Iterator, Optional, Sequence
+import warnings
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._calls import OUTPUTS, WEIGHTS, mask_output
+from ..config import TLoRAConfig
+from ..runtime.layer import LAYER_ATTR, LayerMask
+from ..runtime.slot import OUTPUTS, WEIGHTS, mask_output
 from . import MaskSite
 
 __all__ = ["PeftBackend", "WeightGroup", "lora_layers", "masked_classes"]
@@ -35,11 +38,11 @@ class TLoRALinear(nn.Linear):
     # The parameters are read from ``_parameters`` (one dict lookup) instead of ``self.weight``
     # (``nn.Module.__getattr__``, a Python call): this runs once per adapted layer per call.
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        slot = self.__dict__.get("_tlora_slot")  # None: a forward bound before remove() (offload hooks)
-        mode = slot.mode if slot is not None else None
+        state = self.__dict__.get(LAYER_ATTR)  # None: a forward bound before remove() (offload hooks)
+        mode = state.slot.mode if state is not None else None
         params = self._parameters
         if mode is WEIGHTS:
-            return F.linear(input, self._tlora_masked, params["bias"])
+            return F.linear(input, state.masked, params["bias"])
         out = F.linear(input, params["weight"], params["bias"])
         return out if mode is not OUTPUTS else mask_output(self, out)
 
@@ -49,11 +52,11 @@ class TLoRALinear(nn.Linear):
 
 def _conv_class(base: type) -> type:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        slot = self.__dict__.get("_tlora_slot")
-        mode = slot.mode if slot is not None else None
+        state = self.__dict__.get(LAYER_ATTR)
+        mode = state.slot.mode if state is not None else None
         params = self._parameters
         if mode is WEIGHTS:
-            return self._conv_forward(input, self._tlora_masked, params["bias"])
+            return self._conv_forward(input, state.masked, params["bias"])
         out = self._conv_forward(input, params["weight"], params["bias"])
         return out if mode is not OUTPUTS else mask_output(self, out)
 
@@ -76,7 +79,7 @@ def masked_classes() -> tuple[type, ...]:
 
 
 def _plain_state(module: nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in module.__dict__.items() if not k.startswith("_tlora_")}
+    return {k: v for k, v in module.__dict__.items() if k != LAYER_ATTR}
 
 
 def _plain_reduce(module: nn.Module, protocol: int) -> Any:
@@ -141,6 +144,12 @@ class PeftBackend:
 
     def _site(self, path: str, layer: nn.Module, adapter: str, parent: nn.Module, attr: str) -> Optional[MaskSite]:
         where = f"{path} (adapter {adapter!r})"
+        if adapter in layer.lora_A and type(layer).__name__ == "ParamWrapper":
+            raise ValueError(
+                f"cannot mask {where}: the adapter targets the parameter {layer.parameter_name!r} "
+                "(LoraConfig.target_parameters), so PEFT adds lora_B @ lora_A to the weight inside the module and no "
+                "rank bottleneck runs where a mask could act. Load it with target_modules (the layer's module) instead"
+            )
         if adapter in layer.lora_embedding_A:
             raise ValueError(f"cannot mask {where}: T-LoRA masking supports Linear and Conv layers, not Embedding")
         if adapter not in layer.lora_A:
@@ -164,32 +173,50 @@ class PeftBackend:
             return _unmaskable(layer, adapter, after=True)
 
         return MaskSite(where, adapter, lora_a, _RANK_DIM[plain], int(lora_a.weight.shape[0]), stale_reason,
-                        peft_layer=layer, path=path, groupable=True)
+                        layer=layer, path=path, groupable=True)
+
+    def running_adapters(self, site: MaskSite) -> list[str]:
+        layer = site.layer
+        if layer is None or getattr(layer, "disable_adapters", False):
+            return []
+        return list(layer.active_adapters)
+
+    def check_schedules(self, sites: Sequence[MaskSite], configs: Mapping[str, TLoRAConfig], where: str) -> None:
+        """PEFT's ``lora_bias`` adds ``lora_B``'s bias after the rank bottleneck: no mask reaches it."""
+        for adapter, cfg in configs.items():
+            biased = [s for s in sites if s.adapter == adapter and s.layer is not None
+                      and getattr(s.layer, "lora_bias", {}).get(adapter, False)]
+            if biased and cfg.min_rank == 0:
+                warnings.warn(
+                    f"adapter {adapter!r} of {where} has lora_bias=True: lora_B's bias is added at every step whatever "
+                    "the mask, so with min_rank=0 the adapter is not fully off at t=T (its bias still applies)",
+                    UserWarning, stacklevel=5,
+                )
 
     # -- installing -------------------------------------------------------------------------
     def install(self, site: MaskSite, slot: Any, tokenwise: bool) -> None:
         module = site.module
         if type(module) in _PLAIN:  # another patch on this denoiser already masks it
             return
-        d = module.__dict__
-        d["_tlora_slot"], d["_tlora_adapter"], d["_tlora_rank_dim"] = slot, site.adapter, site.rank_dim
-        d["_tlora_tokenwise"], d["_tlora_name"], d["_tlora_masked"] = tokenwise, site.name, None
-        d["_tlora_hook"] = module.register_state_dict_post_hook(_independent_state)
+        state = LayerMask(slot, site.adapter, site.rank_dim, tokenwise, site.name)
+        state.handles.append(module.register_state_dict_post_hook(_independent_state))
+        module.__dict__[LAYER_ATTR] = state
         module.__class__ = _MASKED[type(module)]
 
     def uninstall(self, site: MaskSite) -> None:
         module = site.module
         if type(module) not in _PLAIN:
             return
-        module.__dict__["_tlora_hook"].remove()
+        state = module.__dict__.pop(LAYER_ATTR)
+        for handle in state.handles:
+            handle.remove()
         module.__class__ = _PLAIN[type(module)]
-        for key in [k for k in module.__dict__ if k.startswith("_tlora_")]:
-            del module.__dict__[key]
 
 
 def _independent_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """``state_dict`` entries of a bound weight get their own storage (safetensors refuses shared ones)."""
-    if module.__dict__.get("_tlora_masked") is not None:
+    state = module.__dict__.get(LAYER_ATTR)
+    if state is not None and state.masked is not None:
         key = prefix + "weight"
         if key in state_dict:
             state_dict[key] = state_dict[key].clone()
@@ -212,10 +239,6 @@ class WeightGroup:
         self.masked: Optional[torch.Tensor] = None
         self._ptrs: tuple[int, int] = (0, 0)
 
-    @property
-    def rank(self) -> int:
-        return self.modules[0].weight.shape[0]
-
     @torch.no_grad()
     def bind(self) -> None:
         params = [m.weight for m in self.modules]
@@ -226,7 +249,7 @@ class WeightGroup:
         self.masked = _aligned_like(params)
         self.masked.copy_(self.storage)
         for module, view in zip(self.modules, self.masked):
-            module.__dict__["_tlora_masked"] = view
+            module.__dict__[LAYER_ATTR].masked = view
         self._ptrs = (params[0].data_ptr(), params[-1].data_ptr())
 
     def valid(self) -> bool:
@@ -241,8 +264,9 @@ class WeightGroup:
             for module in self.modules:
                 if module.weight.untyped_storage().data_ptr() == self.storage.untyped_storage().data_ptr():
                     module.weight.data = module.weight.data.clone()
-                if "_tlora_masked" in module.__dict__:
-                    module.__dict__["_tlora_masked"] = None
+                state = module.__dict__.get(LAYER_ATTR)
+                if state is not None:
+                    state.masked = None
         self.storage = self.masked = None
 
     @torch.no_grad()

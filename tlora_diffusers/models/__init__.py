@@ -17,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 import threading
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from .conventions import SCHEDULER_UNITS, Convention
 
 __all__ = [
     "ModelFamily", "register_model_family", "family_of", "find_family", "model_families", "supported_models",
-    "BUILTIN_FAMILIES", "token_layer_rule", "conventions", "pipeline_denoisers",
+    "BUILTIN_FAMILIES", "token_layer_rule", "conventions", "pipeline_denoisers", "describe", "Denoiser",
+    "timestep_parameter",
 ]
 
 #: Modules of the built-in families (imported on first lookup; none of them imports diffusers).
@@ -57,7 +57,8 @@ class ModelFamily:
         timestep_arg: name of the ``forward`` parameter that receives the timestep
             (positional or keyword; HiDream's is ``"timesteps"``, Z-Image's ``"t"``).
         convention: turns what the pipeline passes into scheduler units
-            (:mod:`tlora_diffusers.models.conventions`).
+            (:mod:`tlora_diffusers.models.conventions`); ``None`` infers it from the
+            pipeline's loop at run time (every declared one is verified there too).
         pipeline_attrs: pipeline attributes that may hold this family's denoisers
             (Wan 2.2: ``("transformer", "transformer_2")``).
         pipelines: names of the stock pipelines of the family (documentation and tests).
@@ -67,21 +68,23 @@ class ModelFamily:
             Other layers use each sample's largest timestep.
         video: the denoiser works on temporally compressed video latents (masks there are
             experimental; patching logs one warning).
+        frame_tokens: per-token timesteps may come one per latent frame, ``(B, frames)``
+            (diffusion forcing); token layers' rows are frame-major, so each frame's mask
+            repeats over its tokens.
         recipes: training recipes by pipeline class name (:mod:`tlora_diffusers.training.recipes`).
     """
 
     name: str
     denoisers: tuple[str, ...]
     timestep_arg: str = "timestep"
-    convention: Convention = SCHEDULER_UNITS
+    convention: Optional[Convention] = SCHEDULER_UNITS
     pipeline_attrs: tuple[str, ...] = ("transformer",)
     pipelines: tuple[str, ...] = ()
     default_targets: tuple[str, ...] = ()
     token_layers: Optional[Callable[[str], bool]] = None
     video: bool = False
     recipes: Mapping[str, Any] = field(default_factory=dict)
-    _positions: dict = field(default_factory=dict, repr=False, compare=False, hash=False)
-    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False, hash=False)
+    frame_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", self.name):
@@ -92,7 +95,7 @@ class ModelFamily:
         object.__setattr__(self, "denoisers", denoisers)
         if not isinstance(self.timestep_arg, str) or not self.timestep_arg.isidentifier():
             raise ValueError(f"ModelFamily.timestep_arg must be a parameter name, got {self.timestep_arg!r}")
-        if not isinstance(self.convention, Convention):
+        if self.convention is not None and not isinstance(self.convention, Convention):
             raise TypeError(
                 f"ModelFamily.convention must be a tlora_diffusers.models.conventions.Convention, got "
                 f"{type(self.convention).__name__}"
@@ -101,40 +104,6 @@ class ModelFamily:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "recipes", dict(self.recipes))
-
-    # -- reading one call ------------------------------------------------------------------
-    def raw_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The timestep argument of this ``forward`` call, as the pipeline passed it."""
-        t = kwargs.get(self.timestep_arg)
-        if t is None:
-            position = self._position(type(module))
-            if position is not None and position < len(args):
-                t = args[position]
-        if t is None:
-            raise ValueError(
-                f"{type(module).__name__}.forward was called without `{self.timestep_arg}` (model family "
-                f"{self.name!r}): a T-LoRA needs the timestep of every denoiser call"
-            )
-        return t
-
-    def _position(self, cls: type) -> Optional[int]:
-        with self._lock:
-            if cls not in self._positions:
-                params = [p.name for p in inspect.signature(cls.forward).parameters.values()
-                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                self._positions[cls] = params.index(self.timestep_arg) - 1 if self.timestep_arg in params else None
-            return self._positions[cls]
-
-    def check_signature(self, module: nn.Module) -> None:
-        """Refuse a denoiser whose ``forward`` has no parameter named :attr:`timestep_arg`."""
-        params = inspect.signature(type(module).forward).parameters
-        if self.timestep_arg not in params:
-            names = [n for n in params if n != "self"]
-            raise ValueError(
-                f"{type(module).__name__}.forward has no parameter {self.timestep_arg!r} (model family "
-                f"{self.name!r}); its parameters are {names}. Register a family whose timestep_arg names the "
-                "timestep parameter"
-            )
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -229,36 +198,8 @@ def family_of(module: nn.Module) -> ModelFamily:
     family = find_family(module)
     if family is not None:
         return family
-    name = type(module).__name__
-    arg = _guess_timestep_arg(module)
-    raise TypeError(
-        f"no T-LoRA model family knows {name}; supported: {', '.join(supported_models())}. Describe it with "
-        f"tlora_diffusers.models.register_model_family(ModelFamily(name=..., denoisers=({name!r},), "
-        f"timestep_arg={arg!r}, convention=conventions.<what the pipeline passes: SCHEDULER_UNITS, FRACTION "
-        "(t / 1000), REVERSED_FRACTION, ...>)); the first pipeline call checks the convention against the "
-        "pipeline's own timesteps"
-    )
+    describe(module, need_declared=True)  # raises the error that says how to register it
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _guess_timestep_arg(module: nn.Module) -> str:
-    try:
-        params = list(inspect.signature(type(module).forward).parameters)
-    except (TypeError, ValueError):
-        return "timestep"
-    for candidate in ("timestep", "timesteps", "t", "sigma", "noise_level"):
-        if candidate in params:
-            return candidate
-    return next((p for p in params if "time" in p), "timestep")
-
-
-def pipeline_denoisers(pipe: Any) -> dict[str, nn.Module]:
-    """The pipeline's components that belong to a registered family (``torch.compile`` wrappers unwrapped),
-    ordered as the families list their ``pipeline_attrs`` (``unet`` before ``controlnet``)."""
-    found = {}
-    for name, value in vars(pipe).items():
-        if isinstance(value, nn.Module):
-            module = getattr(value, "_orig_mod", value)
-            if find_family(module) is not None:
-                found[name] = module
-    order = {a: i for m in found.values() for i, a in enumerate(find_family(m).pipeline_attrs)}
-    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
+from .generic import Denoiser, describe, pipeline_denoisers, timestep_parameter  # noqa: E402

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ._calls import DenoiserSlot
+from .slot import DenoiserSlot
 
 __all__ = ["wrap_checkpointing", "unwrap_checkpointing", "CHECKPOINT_ATTR"]
 

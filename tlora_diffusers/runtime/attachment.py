@@ -1,18 +1,20 @@
 """What a patch attaches to one denoiser: two hooks, a slot, the masked layers and their weight groups.
 
-One :class:`Attachment` per denoiser, shared by every :class:`DenoiserPatch` on it (pipelines
-made with ``from_pipe`` share denoisers). Its pre-hook reads the call's own timestep
-through the model family, converts and checks it, builds the masks of the patch whose
-pipeline is running, and fills the denoiser's slot; its post-hook (``always_call``)
-empties the slot, also when ``forward`` raises. Both hooks run eagerly under
-``torch.compile`` (``torch.compiler.disable``); the masked layers themselves are plain
-code that compiles into the graph.
+One :class:`Attachment` per denoiser, shared by every :class:`Binding` on it (one per patch:
+pipelines made with ``from_pipe`` share denoisers). Its pre-hook finds whose call it is
+(the running patched pipeline's, an unpatched sibling's, or a bare call), resolves the
+call's timesteps (:mod:`~tlora_diffusers.runtime.timesteps`: the loop's exact timestep,
+verified by the argument), builds that binding's masks and fills the denoiser's slot; its
+post-hook (``always_call``) empties the slot, also when ``forward`` raises. Both hooks run
+eagerly under ``torch.compile`` (``torch.compiler.disable``); the masked layers themselves
+are plain code that compiles into the graph.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -21,23 +23,26 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from ._calls import OUTPUTS, WEIGHTS, CallMasks, DenoiserSlot, mask_output
-from ._checkpointing import unwrap_checkpointing, wrap_checkpointing
-from ._verify import check_range, verify_first_call
-from .backends import MaskSite, active_adapters, backend_of
-from .backends.peft import WeightGroup, weight_groups
-from .config import TLoRAConfig
-from .models import ModelFamily
-from .schedule import lora_rank_mask
+from ..backends import MaskSite, backend_of
+from ..backends.peft import WeightGroup, weight_groups
+from ..config import TLoRAConfig
+from ..models.generic import Denoiser
+from ..schedule import lora_rank_mask
+from .checkpointing import unwrap_checkpointing, wrap_checkpointing
+from .clock import LoopClock, components_of, pipeline_refusal
+from .slot import OUTPUTS, WEIGHTS, CallMasks, DenoiserSlot, mask_output
+from .timesteps import ConventionGuess, as_call_shape, resolve
 
-__all__ = ["Attachment", "DenoiserPatch", "RunState", "CURRENT_RUN", "attachment_of", "ATTACHMENT_ATTR"]
+__all__ = ["Attachment", "Binding", "RunState", "CURRENT_RUN", "attachment_of", "ATTACHMENT_ATTR", "warn_video"]
 
 #: Where a patched denoiser keeps its attachment: an attribute, not a module-level weak
 #: dictionary (a value pointing back at its key would keep every patched model alive).
 ATTACHMENT_ATTR = "_tlora_attachment"
 _WATCHING: dict[type, type] = {}
-#: Distinct timesteps whose shared-timestep masks a patch keeps (a run of 1000 steps fits; oldest dropped first).
+#: Distinct timesteps whose shared-timestep masks a binding keeps (a run of 1000 steps fits; oldest dropped first).
 _MASK_CACHE_SIZE = 1024
+#: How many frames up a call is searched for the pipeline that made it (an unpatched ``from_pipe`` sibling).
+_STACK_DEPTH = 48
 
 
 def _watching_class(cls: type) -> type:
@@ -61,10 +66,13 @@ def _watching_class(cls: type) -> type:
 
 @dataclass
 class RunState:
-    """One pipeline run of one patch: which denoisers were checked and how their timesteps look."""
+    """One pipeline run: whose patch, the loop's clock, and (off the CPU) how each denoiser's calls look."""
 
     patch: Any
-    checked: dict = field(default_factory=dict)  # id(DenoiserPatch) -> timesteps uniform across the batch
+    pipeline: Any
+    clock: LoopClock
+    T: int
+    uniform: dict = field(default_factory=dict)  # id(Binding) -> bool, decided at the run's first call
 
 
 #: The run of the patched pipeline executing in this context, if any (set by the patched ``__call__``).
@@ -75,16 +83,44 @@ def attachment_of(denoiser: nn.Module) -> Optional["Attachment"]:
     return denoiser.__dict__.get(ATTACHMENT_ATTR)
 
 
-class DenoiserPatch:
-    """One patch's view of one denoiser: which adapters, with which schedules, and their sites."""
+def _num_train_timesteps(pipe: Any) -> int:
+    scheduler = components_of(pipe).get("scheduler")
+    T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{type(scheduler).__name__}.config.num_train_timesteps must be an int >= 1, got {T!r}")
+    return T
 
-    def __init__(self, owner: Any, denoiser: nn.Module, family: ModelFamily, configs: dict[str, TLoRAConfig],
+
+def _is_pipeline(obj: Any) -> bool:
+    return any(c.__name__ in ("DiffusionPipeline", "ModularPipeline") for c in type(obj).__mro__)
+
+
+def _calling_pipeline(denoiser: nn.Module) -> Optional[Any]:
+    """The pipeline whose ``__call__`` is on the stack and holds ``denoiser`` (a ``from_pipe`` sibling), if any."""
+    frame = sys._getframe(2)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return None
+        if "self" in frame.f_code.co_varnames:
+            obj = frame.f_locals.get("self")
+            if obj is not None and _is_pipeline(obj):
+                if any(getattr(v, "_orig_mod", v) is denoiser for v in vars(obj).values() if isinstance(v, nn.Module)):
+                    return obj
+        frame = frame.f_back
+    return None
+
+
+class Binding:
+    """One patch on one denoiser: its adapters and their schedules, sites, timestep convention and masks."""
+
+    def __init__(self, owner: Any, denoiser: nn.Module, info: Denoiser, configs: dict[str, TLoRAConfig],
                  sites: list[MaskSite], name: str, watch_new_adapters: bool) -> None:
-        self.owner, self.denoiser, self.family, self.name = owner, denoiser, family, name
+        self.owner, self.denoiser, self.info, self.name = owner, denoiser, info, name
         self.configs = dict(configs)
         self.sites = sites
         self.ranks = {a: next(s.rank for s in sites if s.adapter == a) for a in self.configs}
         self.watch_new_adapters = watch_new_adapters
+        self.guess = ConventionGuess(f"{name} ({info.name})", info.timestep_arg, info.convention)
         self.stale: dict[str, str] = {}  # adapter -> why it can no longer be masked (set by a hotswap)
         self._fingerprint = self._take_fingerprint()
         reps: dict[str, MaskSite] = {}
@@ -127,7 +163,7 @@ class DenoiserPatch:
         return id(peft_config), tuple(id(peft_config.get(a)) if peft_config else 0 for a in self.configs)
 
     def stale_reason(self) -> Optional[str]:
-        """Why this patch can no longer mask correctly (``None`` while it can): O(adapters), no module walk.
+        """Why this binding can no longer mask correctly (``None`` while it can): O(adapters), no module walk.
 
         Catches a LoRA fused, unloaded, reloaded or hotswapped without a schedule since
         patching, and, when the patch masks every active adapter, an adapter loaded or
@@ -139,9 +175,8 @@ class DenoiserPatch:
             reason = site.stale_reason()
             if reason:
                 return reason
-            layer = site.peft_layer
-            if layer is not None and self.watch_new_adapters and not getattr(layer, "disable_adapters", False):
-                extra = [a for a in layer.active_adapters if a not in self.configs]
+            if self.watch_new_adapters:
+                extra = [a for a in backend_of(site).running_adapters(site) if a not in self.configs]
                 if extra:
                     return (f"adapter(s) {extra} became active after patching and would run unmasked (remove() "
                             "this patch and patch again, or pass adapter_names=[...] to choose what is masked)")
@@ -167,15 +202,16 @@ class DenoiserPatch:
 class Attachment:
     """The hooks, slot, masked layers and weight groups of one denoiser."""
 
-    def __init__(self, denoiser: nn.Module, family: ModelFamily, name: str) -> None:
-        self.denoiser, self.family, self.name = denoiser, family, name
+    def __init__(self, denoiser: nn.Module, name: str) -> None:
+        self.denoiser, self.name = denoiser, name
         self.slot = DenoiserSlot(name)
-        self.parts: list[DenoiserPatch] = []
+        self.bindings: list[Binding] = []
         self._installed: dict[int, tuple[MaskSite, int]] = {}
         self._hooked: dict[int, Any] = {}  # sites behind an instance-level forward (accelerate hooks)
         self.groups: list[WeightGroup] = []
         self.checkpointable = [m for m in denoiser.modules() if hasattr(m, "gradient_checkpointing")]
         self._lock = threading.Lock()
+        self._weights_ok = False
         self.handles = [
             denoiser.register_forward_pre_hook(torch.compiler.disable(self._pre), with_kwargs=True),
             denoiser.register_forward_hook(torch.compiler.disable(self._post), always_call=True),
@@ -184,38 +220,41 @@ class Attachment:
         self._watch_loader()
         denoiser.__dict__[ATTACHMENT_ATTR] = self
 
-    # -- parts ------------------------------------------------------------------------------
-    def add(self, part: DenoiserPatch) -> None:
+    # -- bindings ---------------------------------------------------------------------------
+    def add(self, binding: Binding) -> None:
         with self._lock:
             try:
-                for site in part.sites:
-                    self._install(site, part)
+                for site in binding.sites:
+                    self._install(site, binding)
             except BaseException:
-                for site in part.sites:
+                for site in binding.sites:
                     self._uninstall(site)
                 raise
-            self.parts.append(part)
+            self.bindings.append(binding)
             self._regroup()
 
-    def discard(self, part: DenoiserPatch) -> bool:
-        """Remove ``part``; returns whether the attachment is now empty (and detached)."""
+    def discard(self, binding: Binding) -> bool:
+        """Remove ``binding``; returns whether the attachment is now empty (and detached)."""
         with self._lock:
-            self.parts = [p for p in self.parts if p is not part]
-            for site in part.sites:
+            self.bindings = [b for b in self.bindings if b is not binding]
+            for site in binding.sites:
                 self._uninstall(site)
             self._regroup()
-            if self.parts:
+            if self.bindings:
                 return False
             self._detach()
             return True
 
-    def _install(self, site: MaskSite, part: DenoiserPatch) -> None:
+    def _install(self, site: MaskSite, binding: Binding) -> None:
         key = id(site.module)
         if key in self._installed:
             known, count = self._installed[key]
             self._installed[key] = (known, count + 1)
             return
-        tokenwise = bool(part.family.token_layers and site.path and part.family.token_layers(site.path))
+        rule = binding.info.token_layers
+        tokenwise: Any = bool(rule and site.path and rule(site.path))
+        if tokenwise and binding.info.frame_tokens:
+            tokenwise = "frames"
         backend_of(site).install(site, self.slot, tokenwise)
         if "forward" in site.module.__dict__:
             # accelerate's offload hooks replace forward on the instance and call the forward bound
@@ -269,39 +308,65 @@ class Attachment:
         self.denoiser.__class__ = _watching_class(cls)
 
     def _hotswapped(self, adapter: Optional[str], args: tuple, kwargs: dict) -> None:
-        from .io.format import config_after_hotswap
+        from ..metadata import config_after_hotswap
 
-        parts = [p for p in self.parts if adapter in p.configs]
-        if not parts:
+        bindings = [b for b in self.bindings if adapter in b.configs]
+        if not bindings:
             return
         cfg, marker = config_after_hotswap(args[0] if args else kwargs.get("pretrained_model_name_or_path_or_dict"),
                                            kwargs.get("metadata"), kwargs.get("prefix", "transformer"))
         peft_config = (getattr(self.denoiser, "peft_config", None) or {}).get(adapter)
         if peft_config is not None:
             peft_config.base_model_name_or_path = marker
-        for part in parts:
-            part.adopt(adapter, cfg, "was hotswapped with a file that carries no T-LoRA config, so its schedule is "
-                       "unknown (pass the schedule with TLoRAPatch(pipe, {adapter: TLoRAConfig(...)}))")
-            if cfg is not None and cfg.lora_rank > part.ranks[adapter]:
-                part.stale[adapter] = (f"was hotswapped with a rank-{cfg.lora_rank} file, larger than the "
-                                       f"{part.ranks[adapter]} ranks its layers hold")
+        for binding in bindings:
+            binding.adopt(adapter, cfg, "was hotswapped with a file that carries no T-LoRA config, so its schedule is "
+                          "unknown (pass the schedule with TLoRAPatch(pipe, {adapter: TLoRAConfig(...)}))")
+            if cfg is not None and cfg.lora_rank > binding.ranks[adapter]:
+                binding.stale[adapter] = (f"was hotswapped with a rank-{cfg.lora_rank} file, larger than the "
+                                          f"{binding.ranks[adapter]} ranks its layers hold")
         with self._lock:
             self._regroup()  # weights may have been replaced (a larger rank), bind again at the next call
 
-    # -- per call ---------------------------------------------------------------------------
-    def _resolve(self) -> DenoiserPatch:
+    # -- whose call --------------------------------------------------------------------------
+    def _resolve(self) -> tuple[Binding, Optional[RunState]]:
+        """The binding that masks this call and the run it belongs to (``None``: a bare call)."""
         run = CURRENT_RUN.get()
         if run is not None:
-            for part in self.parts:
-                if part.owner is run.patch:
-                    return part
-        if len(self.parts) == 1:
-            return self.parts[0]
+            for binding in self.bindings:
+                if binding.owner is run.patch:
+                    return binding, run
+        pipelined = [b for b in self.bindings if b.owner.pipeline is not None]
+        if not pipelined:  # a patch on the bare denoiser: calls are the user's own loop or a trainer's
+            if len(self.bindings) == 1:
+                return self.bindings[0], None
+        sibling = _calling_pipeline(self.denoiser) if pipelined else None
+        if sibling is not None:
+            return self._sibling(sibling, run)
+        if len(self.bindings) == 1:
+            return self.bindings[0], None
         raise RuntimeError(
-            f"{type(self.denoiser).__name__} carries {len(self.parts)} T-LoRA patches (pipelines sharing it); "
+            f"{type(self.denoiser).__name__} carries {len(self.bindings)} T-LoRA patches (pipelines sharing it); "
             "call it through one of the patched pipelines so the call knows whose config applies"
         )
 
+    def _sibling(self, pipe: Any, run: Optional[RunState]) -> tuple[Binding, RunState]:
+        """A call from a pipeline that shares this denoiser but is not patched itself (``from_pipe``)."""
+        name = type(pipe).__name__
+        settled = [b for b in self.bindings if b.guess.settled is not None]
+        if len(self.bindings) != 1 or not settled:
+            raise RuntimeError(
+                f"{name} calls {self.name}, which is T-LoRA patched through another pipeline, but this {name} is not "
+                "patched itself, and the timestep convention needed to check its calls against its own loop is not "
+                f"settled yet: patch this {name} too, TLoRAPatch(that_pipeline) (pipelines made with from_pipe share "
+                "denoisers; each may be patched)"
+            )
+        refusal = pipeline_refusal(pipe)
+        if refusal:
+            raise ValueError(refusal)
+        binding = settled[0]
+        return binding, RunState(binding.owner, pipe, LoopClock(pipe), _num_train_timesteps(pipe))
+
+    # -- per call ---------------------------------------------------------------------------
     def _weights_allowed(self) -> bool:
         """The shared-timestep fast mode needs weights that stay where they are during the call."""
         if not self._weights_ok or "_hf_hook" in self.denoiser.__dict__:
@@ -324,36 +389,31 @@ class Attachment:
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if module is not self.denoiser:  # a deep copy of the patched denoiser carries these hooks
             return
-        part = self._resolve()
-        run = CURRENT_RUN.get()
-        if run is None or run.patch is not part.owner:
-            part.check()  # a bare call: nothing checked it at a pipeline call's start
-        family = part.family
-        raw = family.raw_timestep(module, args, kwargs)
-        T = part.owner.num_train_timesteps
-        t = family.convention(raw, module, T)
-        if t.ndim > 2 or t.numel() == 0:
-            raise ValueError(
-                f"{self.name} received a timestep of shape {tuple(t.shape)}: expected 0-d, (batch,) or, for "
-                "per-token timesteps, (batch, tokens)"
-            )
-        t = check_range(t, raw, T, self.name, family.convention.description)
-        uniform = None
-        if run is not None and run.patch is part.owner:
-            uniform = run.checked.get(id(part))
-            if uniform is None:
-                uniform = verify_first_call(part.owner.pipeline, t, raw, T, self.name, family)
-                run.checked[id(part)] = uniform
-        grad = torch.is_grad_enabled()
-        weights = not grad and t.ndim < 2 and self._shared(t, raw, uniform) and self._weights_allowed()
-        if weights:
-            masks = part.shared_masks(t.reshape(-1)[0], T)
-            call = None
-        elif t.ndim == 2:  # one timestep per token
-            sample = part.masks(t.amax(dim=1), T)
-            call = CallMasks(sample, part.masks(t, T), self.name)
+        binding, run = self._resolve()
+        if run is None or run.pipeline is not binding.owner.pipeline:
+            binding.check()  # not a patched pipeline's own run: nothing checked it at the run's start
+        raw = as_call_shape(binding.info.raw_timestep(module, args, kwargs), self.name)
+        if run is None:
+            T = binding.owner.num_train_timesteps
+            call = resolve(raw, binding.guess, module, T, self.name, None, None)
         else:
-            call = CallMasks(part.masks(t, T), None, self.name)
+            T = run.T
+            key = id(binding)
+            uniform = run.uniform.get(key)
+            call = resolve(raw, binding.guess, module, T, self.name, (run.clock.now()[0], run.clock), uniform)
+            if uniform is None and raw.device.type != "cpu":
+                run.uniform[key] = call.uniform
+        grad = torch.is_grad_enabled()
+        t = call.t
+        weights = not grad and call.uniform and self._weights_allowed()
+        if weights:
+            masks = binding.shared_masks(t.reshape(()), T)
+            masks_call = None
+        elif t.ndim == 2:  # one timestep per token
+            sample = binding.masks(t.amax(dim=1), T)
+            masks_call = CallMasks(sample, binding.masks(t, T), self.name)
+        else:
+            masks_call = CallMasks(binding.masks(t.reshape(()) if call.uniform else t, T), None, self.name)
         slot = self.slot
         slot.acquire()
         try:
@@ -366,21 +426,10 @@ class Attachment:
             else:
                 if grad:
                     wrap_checkpointing(self.checkpointable, slot)
-                slot.call, slot.mode = call, OUTPUTS
+                slot.call, slot.mode = masks_call, OUTPUTS
         except BaseException:
             slot.release()
             raise
-
-    @staticmethod
-    def _shared(t: torch.Tensor, raw: Any, uniform: Optional[bool]) -> bool:
-        """One timestep for the whole batch, known without a device→host read where possible."""
-        if t.numel() == 1:
-            return True
-        if uniform is not None:  # a pipeline run: checked at its first call, the loop passes t.expand(B)
-            return uniform
-        if t.device.type == "cpu":
-            return bool((t == t.reshape(-1)[0]).all())
-        return isinstance(raw, torch.Tensor) and raw.ndim == 1 and raw.stride() == (0,)
 
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module is self.denoiser:
@@ -388,18 +437,21 @@ class Attachment:
 
 
 def _hooked_mask(module: nn.Module, args: tuple, output: Any) -> Any:
-    slot = module._tlora_slot
-    if slot.mode is None:
+    from .layer import layer_mask
+
+    state = layer_mask(module)
+    slot = state.slot if state is not None else None
+    if slot is None or slot.mode is None:
         return None
     if slot.mode is WEIGHTS:  # never chosen while a site is hooked; kept exact anyway
-        raise RuntimeError(f"{module._tlora_name}: a hooked T-LoRA layer cannot run in weights mode")
+        raise RuntimeError(f"{state.name}: a hooked T-LoRA layer cannot run in weights mode")
     return mask_output(module, output)
 
 
-def warn_video(family: ModelFamily) -> None:
-    if family.video:
+def warn_video(info: Denoiser) -> None:
+    if info.video:
         warnings.warn(
-            f"{family.name}: T-LoRA masks on temporally compressed video latents are experimental (as SimpleTuner's "
+            f"{info.name}: T-LoRA masks on temporally compressed video latents are experimental (as SimpleTuner's "
             "documentation says): each latent frame mixes several video frames",
             UserWarning, stacklevel=3,
         )

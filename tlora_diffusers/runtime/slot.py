@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from .layer import LAYER_ATTR, LayerMask
+
 __all__ = ["WEIGHTS", "OUTPUTS", "DenoiserSlot", "CallMasks", "broadcast_mask", "mask_output"]
 
 WEIGHTS = "weights"
@@ -48,44 +50,47 @@ class CallMasks:
         self.where = where
         self._views: dict[tuple, torch.Tensor] = {}
 
-    def view_for(self, module: Any, output: torch.Tensor) -> torch.Tensor:
-        """The mask for ``module``'s output: on its device and dtype, broadcastable along its rank dim."""
-        adapter, rank_dim, tokenwise = module._tlora_adapter, module._tlora_rank_dim, module._tlora_tokenwise
-        tokenwise = tokenwise and self.token_masks is not None
-        key = (adapter, output.device, output.dtype, output.ndim, rank_dim, tokenwise)
+    def view_for(self, state: LayerMask, output: torch.Tensor) -> torch.Tensor:
+        """The mask for a layer's output: on its device and dtype, broadcastable along its rank dim."""
+        tokenwise = state.tokenwise and self.token_masks is not None
+        rows = output.shape[1] if tokenwise and output.ndim > 1 else 0
+        key = (state.adapter, output.device, output.dtype, output.ndim, state.rank_dim, tokenwise, rows)
         view = self._views.get(key)
         if view is None:
-            view = self._make_view(module, output, adapter, rank_dim, tokenwise)
+            view = self._make_view(state, output, tokenwise)
             self._views[key] = view
         if self.batch is not None and output.shape[0] != self.batch:
             raise ValueError(
-                f"T-LoRA layer {module._tlora_name} received a batch of {output.shape[0]} but the {self.where} call "
+                f"T-LoRA layer {state.name} received a batch of {output.shape[0]} but the {self.where} call "
                 f"has {self.batch} per-sample timesteps; pass one timestep per sample or a single timestep"
             )
-        if tokenwise and output.shape[1] != self.seq:
+        if tokenwise and output.shape[1] != self.seq and not (state.tokenwise == "frames" and rows % self.seq == 0):
             raise ValueError(
-                f"T-LoRA layer {module._tlora_name} is a token layer of its model family but its output has "
+                f"T-LoRA layer {state.name} is a token layer of its model family but its output has "
                 f"{output.shape[1]} rows where the {self.where} call has {self.seq} per-token timesteps"
             )
         return view
 
-    def _make_view(self, module: Any, output: torch.Tensor, adapter: str, rank_dim: int, tokenwise: bool):
-        mask = (self.token_masks if tokenwise else self.masks)[adapter]
-        if output.shape[rank_dim] != mask.shape[-1]:
+    def _make_view(self, state: LayerMask, output: torch.Tensor, tokenwise: bool) -> torch.Tensor:
+        mask = (self.token_masks if tokenwise else self.masks)[state.adapter]
+        if output.shape[state.rank_dim] != mask.shape[-1]:
             raise ValueError(
-                f"T-LoRA layer {module._tlora_name} has rank {output.shape[rank_dim]} but its mask has "
+                f"T-LoRA layer {state.name} has rank {output.shape[state.rank_dim]} but its mask has "
                 f"{mask.shape[-1]} ranks"
             )
         if mask.ndim >= 2 and output.ndim < 2:
-            raise ValueError(f"T-LoRA layer {module._tlora_name} got an unbatched input with per-sample timesteps")
+            raise ValueError(f"T-LoRA layer {state.name} got an unbatched input with per-sample timesteps")
         if tokenwise:
-            if output.ndim != 3 or rank_dim % output.ndim != 2:
+            if output.ndim != 3 or state.rank_dim % output.ndim != 2:
                 raise ValueError(
-                    f"T-LoRA layer {module._tlora_name}: per-token masks need (batch, tokens, rank) outputs, got "
+                    f"T-LoRA layer {state.name}: per-token masks need (batch, tokens, rank) outputs, got "
                     f"shape {tuple(output.shape)}"
                 )
+            if output.shape[1] != mask.shape[1] and state.tokenwise == "frames" and output.shape[1] % mask.shape[1] == 0:
+                # one timestep per latent frame; the layer's rows are the frames' tokens, frame-major
+                mask = mask.repeat_interleave(output.shape[1] // mask.shape[1], dim=1)
             return mask.to(device=output.device, dtype=output.dtype, non_blocking=True)
-        return broadcast_mask(mask, output, rank_dim)
+        return broadcast_mask(mask, output, state.rank_dim)
 
 
 def broadcast_mask(mask: torch.Tensor, output: torch.Tensor, rank_dim: int) -> torch.Tensor:
@@ -101,10 +106,11 @@ def broadcast_mask(mask: torch.Tensor, output: torch.Tensor, rank_dim: int) -> t
 
 def mask_output(module: Any, out: torch.Tensor) -> torch.Tensor:
     """``out`` times the current call's mask for ``module`` (a masked layer in ``OUTPUTS`` mode)."""
-    call = module._tlora_slot.call
+    state: LayerMask = module.__dict__[LAYER_ATTR]
+    call = state.slot.call
     if torch.compiler.is_compiling():  # no caching inside a traced graph
-        return out * broadcast_mask(call.masks[module._tlora_adapter], out, module._tlora_rank_dim)
-    view = call.view_for(module, out)
+        return out * broadcast_mask(call.masks[state.adapter], out, state.rank_dim)
+    view = call.view_for(state, out)
     # In place at inference (no new activation tensor); out of place when autograd records it.
     return out * view if out.requires_grad else out.mul_(view)
 
@@ -112,7 +118,7 @@ def mask_output(module: Any, out: torch.Tensor) -> torch.Tensor:
 class DenoiserSlot:
     """What the masked layers of one denoiser read during a call (``mode``, ``call``).
 
-    Not process-global: one per denoiser. ``enter``/``exit`` bracket a call under the
+    Not process-global: one per denoiser. ``acquire``/``release`` bracket a call under the
     slot's lock; a thread that re-enters while it still holds the lock (its previous
     call was interrupted by ``KeyboardInterrupt``, which skips PyTorch's always-call
     hooks) takes the slot over instead of deadlocking.
