@@ -98,6 +98,17 @@ def tiny():
     return tiny_pipeline
 
 
+def lora_carriers(pipe) -> list:
+    """Pipeline components that run a ``lora_A`` layer (a ControlNet may share the transformer's), read off the modules."""
+    out = []
+    for name, value in vars(pipe).items():
+        if isinstance(value, torch.nn.Module) and not type(value).__module__.startswith("transformers."):
+            if any(".lora_A." in n for n, _ in value.named_modules()):
+                out.append(name)
+    order = ["unet", "transformer", "transformer_2", "unconditional_transformer", "controlnet", "prior"]
+    return sorted(out, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
 def loop_timestep(pipe) -> float:
     """The pipeline loop's own timestep right now, in scheduler units (0 = clean), read independently
     of tlora_diffusers: ``pipe.current_timestep`` where the pipeline sets it, else the scheduler's entry."""
@@ -126,23 +137,30 @@ class StepRecorder:
         import functools
 
         self.classes = {}
-        scheduler = self.pipe.scheduler
+        scheduler = getattr(self.pipe, "scheduler", None)
+        self.handles = [getattr(self.pipe, a).register_forward_pre_hook(
+            lambda m, args, kwargs, a=a: self.events.append(("call", a, None)), with_kwargs=True) for a in self.attrs]
+        if scheduler is None:  # Echo: no scheduler, no loop timestep to record
+            return self
         cls = type(scheduler)
         original = cls.step
 
-        T = scheduler.config.num_train_timesteps
+        import math
+
+        T = getattr(scheduler.config, "num_train_timesteps", None)
         inverted = bool(getattr(scheduler.config, "invert_sigmas", False))  # Mochi: the scheduler counts up
+        angles = cls.__name__ == "SCMScheduler"  # Sana Sprint: TrigFlow angles; flow time sin/(sin+cos)
 
         @functools.wraps(original)
         def step(sched, *args, **kwargs):
             t = float(torch.as_tensor(kwargs["timestep"] if "timestep" in kwargs else args[1]).double().reshape(-1).max())
+            if angles:
+                t = T * math.sin(t) / (math.sin(t) + math.cos(t))
             self.events.append(("step", sched, T - t if inverted else t))
             return original(sched, *args, **kwargs)
 
         self.classes[cls] = original
         cls.step = step
-        self.handles = [getattr(self.pipe, a).register_forward_pre_hook(
-            lambda m, args, kwargs, a=a: self.events.append(("call", a, None)), with_kwargs=True) for a in self.attrs]
         return self
 
     def __exit__(self, *exc):
@@ -158,7 +176,7 @@ class StepRecorder:
             if kind == "call":
                 out.append(None)
                 pending += 1
-            elif who is self.pipe.scheduler and pending:
+            elif who is getattr(self.pipe, "scheduler", None) and pending:
                 for i in range(len(out) - pending, len(out)):
                     out[i] = t
                 pending = 0
@@ -176,8 +194,11 @@ class ReferenceMasks:
     layer by the loop's timestep.
     """
 
-    def __init__(self, pipe, configs, attrs=None, per_token=False, timestep_arg="timestep", token_layer=None):
-        self.pipe, self.configs = pipe, configs
+    def __init__(self, pipe, configs, attrs=None, per_token=False, timestep_arg="timestep", token_layer=None,
+                 layer_timesteps=None, T=None, fixed_calls=None):
+        self.pipe, self.configs, self.T = pipe, configs, T  # T: for schedulers without num_train_timesteps
+        self.fixed_calls = fixed_calls  # kwargs -> the timestep the model runs the call at, or None
+        self.layer_timesteps = layer_timesteps or {}  # arg -> path predicate: those layers follow that argument
         self.attrs = attrs or [a for a in ("unet", "transformer", "transformer_2", "controlnet")
                                if isinstance(getattr(pipe, a, None), torch.nn.Module)]
         self.per_token, self.timestep_arg, self.token_layer = per_token, timestep_arg, token_layer
@@ -193,7 +214,8 @@ class ReferenceMasks:
         return result
 
     def __enter__(self):
-        T = self.pipe.scheduler.config.num_train_timesteps
+        scheduler = getattr(self.pipe, "scheduler", None)
+        T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or self.T
         calls = iter(range(10 ** 9))
         for attr in self.attrs:
             den = getattr(self.pipe, attr)
@@ -201,11 +223,17 @@ class ReferenceMasks:
             def pre(module, args, kwargs):
                 i = next(calls)
                 t = self.recorded[i] if self.recorded is not None and i < len(self.recorded) else None
+                fixed = self.fixed_calls(kwargs) if self.fixed_calls is not None else None
+                if fixed is not None:
+                    t = fixed  # a call the model runs at its own timestep (a KV-cache fill, a reference pass)
+                if t is None and getattr(self.pipe, "scheduler", None) is None:  # no scheduler: the argument
+                    t = float(torch.as_tensor(kwargs.get(self.timestep_arg)).double().max())
                 if t is None:
                     t = loop_timestep(self.pipe)
                 self.state["t"] = t
                 self.times.append(t)
                 self.state["raw"] = kwargs.get(self.timestep_arg)
+                self.state["extra"] = {arg: kwargs.get(arg) for arg in self.layer_timesteps}
                 self.ranks_seen.append({a: reference_rank(t, *c[:3], T=T) for a, c in self.configs.items()})
 
             self.handles.append(den.register_forward_pre_hook(pre, with_kwargs=True))
@@ -217,6 +245,15 @@ class ReferenceMasks:
 
                     def hook(m, args, out, c=(max_rank, min_rank, alpha, per), path=path):
                         dim = -1 if isinstance(m, torch.nn.Linear) else 1
+                        for arg, follows in self.layer_timesteps.items():
+                            other = self.state["extra"].get(arg)
+                            if other is not None and follows(path):  # per sample, scheduler units
+                                other = torch.as_tensor(other).double().reshape(out.shape[0], -1).amax(dim=1)
+                                r = torch.tensor([reference_rank(float(v), *c[:3], T=T) * c[3] for v in other])
+                                mask = (torch.arange(out.shape[dim])[None] < r[:, None]).to(out.dtype)
+                                shape = [1] * out.ndim
+                                shape[0], shape[dim] = out.shape[0], out.shape[dim]
+                                return out * mask.reshape(shape)
                         raw = self.state.get("raw")
                         raw = torch.as_tensor(raw) if raw is not None else None
                         while raw is not None and raw.ndim > 1 and raw.shape[-1] == 1:

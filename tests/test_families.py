@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ReferenceMasks, loop_timestep, reference_rank
+from conftest import ReferenceMasks, lora_carriers, loop_timestep, reference_rank
 from peft import LoraConfig, inject_adapter_in_model
 
 from tlora_diffusers import TLoRAConfig, TLoRAPatch
@@ -49,8 +49,10 @@ def test_every_stock_pipeline_equals_the_reference(name):
     case = CASES[name]
     pipe = build(case)
     info = describe(getattr(pipe, case.denoiser_attrs[0]))
-    ref = ReferenceMasks(pipe, {"default": (8, 1, 1.0, 1)}, list(case.denoiser_attrs), per_token=case.per_token,
-                         timestep_arg=info.timestep_arg, token_layer=info.token_layers)
+    ref = ReferenceMasks(pipe, {"default": (8, 1, 1.0, 1)}, lora_carriers(pipe), per_token=case.per_token,
+                         timestep_arg=info.timestep_arg, token_layer=info.token_layers,
+                         layer_timesteps=info.layer_timesteps,
+                         T=getattr(info.family, "num_train_timesteps", None), fixed_calls=case.fixed_calls)
     ref.record(lambda: pipe(**case.inputs(pipe, 0)))
     with ref:
         expected = output(pipe(**case.inputs(pipe, 0)))

@@ -13,7 +13,8 @@ from .backends import active_adapters, find_mask_sites, loaded_adapters
 from .config import TLoRAConfig
 from .metadata import adapter_schedules
 from .models.generic import Denoiser, describe, is_text_model, pipeline_denoisers
-from .runtime.attachment import CURRENT_RUN, Attachment, Binding, RunState, attachment_of, warn_video
+from .runtime.attachment import (CURRENT_RUN, Attachment, Binding, RunState, _valid_T, attachment_of, pipeline_T,
+                                 warn_video)
 from .runtime.clock import LoopClock, components_of, pipeline_refusal
 
 __all__ = ["TLoRAPatch"]
@@ -134,15 +135,13 @@ class TLoRAPatch:
                 )
             if num_train_timesteps is not None:
                 raise TypeError("num_train_timesteps is read from pipe.scheduler; pass it only with a bare denoiser")
-            if components_of(target).get("scheduler") is None:
-                raise ValueError(f"{type(target).__name__} has no scheduler to read num_train_timesteps from")
             refusal = pipeline_refusal(target)
             if refusal:
                 raise ValueError(refusal)
             self._bare_timesteps = None
             candidates = self._pipeline_denoisers(target)
-        self.num_train_timesteps  # validates T now
         self._bindings = self._plan(candidates, cfg, names)
+        self.num_train_timesteps  # validates T now
         self._check_not_patched()
         self._install()
         if self.pipeline is not None:
@@ -221,9 +220,18 @@ class TLoRAPatch:
 
     def _install(self) -> None:
         done: list[Binding] = []
+        owners: dict[int, Attachment] = {}  # id(LoRA layer) -> the attachment that masks it first
         try:
             for binding in self._bindings:
-                attachment = attachment_of(binding.denoiser) or Attachment(binding.denoiser, binding.name)
+                attachment = attachment_of(binding.denoiser)
+                if attachment is None:
+                    shared = next((owners[id(s.module)] for s in binding.sites if id(s.module) in owners), None)
+                    if shared is not None:  # layers shared with an earlier denoiser: one slot for both
+                        shared.shares_layers = True
+                        shared._regroup()
+                    attachment = Attachment(binding.denoiser, binding.name, shared.slot if shared else None)
+                for site in binding.sites:
+                    owners.setdefault(id(site.module), attachment)
                 try:
                     attachment.add(binding)
                 except BaseException:
@@ -248,16 +256,11 @@ class TLoRAPatch:
     # -- per run ----------------------------------------------------------------------------
     @property
     def num_train_timesteps(self) -> int:
-        """``T`` of the schedule: the pipeline scheduler's ``num_train_timesteps`` at call time."""
+        """``T`` of the schedule: the pipeline scheduler's ``num_train_timesteps`` at call time (a scheduler
+        without one, or a pipeline without a scheduler: what the denoisers' families declare)."""
         if self.pipeline is None:
-            T, source = self._bare_timesteps, "num_train_timesteps"
-        else:
-            scheduler = components_of(self.pipeline).get("scheduler")
-            T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
-            source = f"{type(scheduler).__name__}.config.num_train_timesteps"
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            raise ValueError(f"{source} must be an int >= 1, got {T!r}")
-        return T
+            return _valid_T(self._bare_timesteps, "num_train_timesteps")
+        return pipeline_T(self.pipeline, [b.info for b in self._bindings])
 
     def _run_pipeline(self, call: Any, pipe: Any, args: tuple, kwargs: dict) -> Any:
         self.check()
@@ -265,7 +268,8 @@ class TLoRAPatch:
         refusal = pipeline_refusal(pipe)
         if refusal:
             raise ValueError(refusal)
-        CURRENT_RUN.set(RunState(self, pipe, LoopClock(pipe), self.num_train_timesteps))
+        clock = LoopClock(pipe) if components_of(pipe).get("scheduler") is not None else None
+        CURRENT_RUN.set(RunState(self, pipe, clock, self.num_train_timesteps))
         return call(pipe, *args, **kwargs)
 
     def _check_components(self) -> None:

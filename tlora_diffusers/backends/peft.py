@@ -196,7 +196,11 @@ class PeftBackend:
     # -- installing -------------------------------------------------------------------------
     def install(self, site: MaskSite, slot: Any, tokenwise: bool) -> None:
         module = site.module
-        if type(module) in _PLAIN:  # another patch on this denoiser already masks it
+        if type(module) in _PLAIN:  # another denoiser sharing this layer already masks it, with the same slot
+            state = module.__dict__[LAYER_ATTR]
+            if state.slot is not slot:
+                raise ValueError(f"{site.name} is already masked through another denoiser's slot")
+            state.users += 1
             return
         state = LayerMask(slot, site.adapter, site.rank_dim, tokenwise, site.name)
         state.handles.append(module.register_state_dict_post_hook(_independent_state))
@@ -207,7 +211,11 @@ class PeftBackend:
         module = site.module
         if type(module) not in _PLAIN:
             return
-        state = module.__dict__.pop(LAYER_ATTR)
+        state = module.__dict__[LAYER_ATTR]
+        state.users -= 1
+        if state.users > 0:
+            return
+        del module.__dict__[LAYER_ATTR]
         for handle in state.handles:
             handle.remove()
         module.__class__ = _PLAIN[type(module)]

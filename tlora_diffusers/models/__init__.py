@@ -36,7 +36,8 @@ __all__ = [
 #: Modules of the built-in families (imported on first lookup; none of them imports diffusers).
 BUILTIN_FAMILIES = (
     "stable_diffusion", "sd3", "flux", "flux2", "qwen_image", "z_image", "chroma", "hidream", "sana", "pixart",
-    "auraflow", "lumina2", "cogview4", "wan", "ltx_video", "hunyuan_video", "cogvideox", "mochi",
+    "auraflow", "lumina2", "cogview4", "wan", "ltx_video", "hunyuan_video", "cogvideox", "mochi", "ltx2",
+    "skyreels_v2", "prx", "anyflow", "wuerstchen", "sana_video", "wan_animate2",
 )
 
 
@@ -71,6 +72,14 @@ class ModelFamily:
         frame_tokens: per-token timesteps may come one per latent frame, ``(B, frames)``
             (diffusion forcing); token layers' rows are frame-major, so each frame's mask
             repeats over its tokens.
+        call_timestep: ``kwargs -> t or None``: calls the model runs at a timestep of its own
+            whatever its argument (Wan-Animate 2's reference pass, ``kv_cache_mode="extract"``,
+            runs at ``t = 1``), in scheduler units; those calls are masked by it.
+        num_train_timesteps: ``T`` for pipelines whose scheduler has no ``num_train_timesteps``
+            (Würstchen's prior counts ratios, ``T = 1``) or that have no scheduler (Echo).
+        layer_timesteps: other ``forward`` arguments that carry the timestep of some layers,
+            ``arg -> path -> bool`` (LTX-2's audio layers follow ``audio_timestep``); they are
+            converted like the main one, and a call that omits them masks those layers by it.
         recipes: training recipes by pipeline class name (:mod:`tlora_diffusers.training.recipes`).
     """
 
@@ -85,6 +94,9 @@ class ModelFamily:
     video: bool = False
     recipes: Mapping[str, Any] = field(default_factory=dict)
     frame_tokens: bool = False
+    layer_timesteps: Mapping[str, Callable[[str], bool]] = field(default_factory=dict)
+    num_train_timesteps: Optional[int] = None
+    call_timestep: Optional[Callable[[Mapping[str, Any]], Optional[float]]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", self.name):
@@ -104,6 +116,7 @@ class ModelFamily:
             value = getattr(self, name)
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         object.__setattr__(self, "recipes", dict(self.recipes))
+        object.__setattr__(self, "layer_timesteps", dict(self.layer_timesteps))
 
 
 _REGISTRY: dict[str, ModelFamily] = {}

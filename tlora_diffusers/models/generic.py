@@ -72,6 +72,8 @@ class Denoiser:
     video: bool = False
     family: Any = None
     frame_tokens: bool = False
+    layer_timesteps: Any = None
+    call_timestep: Any = None
 
     def raw_timestep(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """The timestep argument of this ``forward`` call, as the pipeline passed it."""
@@ -115,7 +117,7 @@ def describe(module: nn.Module, *, need_declared: bool = False) -> Denoiser:
                 f"{_parameters(cls)}. Register a family whose timestep_arg names the timestep parameter"
             )
         return Denoiser(family.name, cls, arg, family.convention, family.token_layers, family.video, family,
-                        family.frame_tokens)
+                        family.frame_tokens, family.layer_timesteps or None, family.call_timestep)
     arg = timestep_parameter(cls)
     if need_declared or arg is None:
         guess = arg or next((p for p in _parameters(cls) if "time" in p), "timestep")

@@ -30,8 +30,9 @@ from ..models.generic import Denoiser
 from ..schedule import lora_rank_mask
 from .checkpointing import unwrap_checkpointing, wrap_checkpointing
 from .clock import LoopClock, components_of, pipeline_refusal
+from .layer import layer_mask
 from .slot import OUTPUTS, WEIGHTS, CallMasks, DenoiserSlot, mask_output
-from .timesteps import ConventionGuess, as_call_shape, resolve
+from .timesteps import CallTimesteps, ConventionGuess, as_call_shape, check_range, resolve, tolerance
 
 __all__ = ["Attachment", "Binding", "RunState", "CURRENT_RUN", "attachment_of", "ATTACHMENT_ATTR", "warn_video"]
 
@@ -70,7 +71,7 @@ class RunState:
 
     patch: Any
     pipeline: Any
-    clock: LoopClock
+    clock: Optional[LoopClock]
     T: int
     uniform: dict = field(default_factory=dict)  # id(Binding) -> bool, decided at the run's first call
 
@@ -83,12 +84,33 @@ def attachment_of(denoiser: nn.Module) -> Optional["Attachment"]:
     return denoiser.__dict__.get(ATTACHMENT_ATTR)
 
 
-def _num_train_timesteps(pipe: Any) -> int:
+def _valid_T(T: Any, source: str) -> int:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"{source} must be an int >= 1, got {T!r}")
+    return T
+
+
+def pipeline_T(pipe: Any, infos: Any) -> int:
+    """``T`` of a pipeline run: ``scheduler.config.num_train_timesteps``, else what the denoisers' families declare.
+
+    Würstchen's prior scheduler counts ratios in [0, 1] and has no ``num_train_timesteps``; the Echo
+    pipelines have no scheduler at all.
+    """
     scheduler = components_of(pipe).get("scheduler")
     T = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"{type(scheduler).__name__}.config.num_train_timesteps must be an int >= 1, got {T!r}")
-    return T
+    if T is not None:
+        return _valid_T(T, f"{type(scheduler).__name__}.config.num_train_timesteps")
+    declared = {getattr(i.family, "num_train_timesteps", None) for i in infos}
+    if len(declared) == 1 and None not in declared:
+        return _valid_T(declared.pop(), "the model family's num_train_timesteps")
+    what = (f"its scheduler {type(scheduler).__name__} has no num_train_timesteps" if scheduler is not None
+            else "it has no scheduler")
+    names = ", ".join(sorted({i.name for i in infos}))
+    raise ValueError(
+        f"{type(pipe).__name__}: {what}, and the model family of its denoisers ({names}) declares none, so the "
+        "T of the rank schedule r(t) is unknown. Declare it: tlora_diffusers.models.register_model_family("
+        "ModelFamily(name=..., denoisers=(...,), convention=..., num_train_timesteps=...), replace=True)"
+    )
 
 
 def _is_pipeline(obj: Any) -> bool:
@@ -202,9 +224,12 @@ class Binding:
 class Attachment:
     """The hooks, slot, masked layers and weight groups of one denoiser."""
 
-    def __init__(self, denoiser: nn.Module, name: str) -> None:
+    def __init__(self, denoiser: nn.Module, name: str, slot: Optional[DenoiserSlot] = None) -> None:
         self.denoiser, self.name = denoiser, name
-        self.slot = DenoiserSlot(name)
+        #: shared with another denoiser's attachment when the two share LoRA layers (Z-Image's ControlNet
+        #: shares the transformer's refiners): each call fills it, and the shared layers read whichever runs
+        self.slot = slot if slot is not None else DenoiserSlot(name)
+        self.shares_layers = slot is not None
         self.bindings: list[Binding] = []
         self._installed: dict[int, tuple[MaskSite, int]] = {}
         self._hooked: dict[int, Any] = {}  # sites behind an instance-level forward (accelerate hooks)
@@ -256,6 +281,10 @@ class Attachment:
         if tokenwise and binding.info.frame_tokens:
             tokenwise = "frames"
         backend_of(site).install(site, self.slot, tokenwise)
+        state = layer_mask(site.module)
+        for arg, follows in (binding.info.layer_timesteps or {}).items():
+            if state is not None and site.path and follows(site.path):
+                state.group = arg
         if "forward" in site.module.__dict__:
             # accelerate's offload hooks replace forward on the instance and call the forward bound
             # when they were added, so the masked class's forward would be bypassed: a PyTorch hook
@@ -282,7 +311,8 @@ class Attachment:
             group.unbind()
         sites = [s for s, _ in self._installed.values()]
         self.groups = [] if self._hooked else weight_groups(sites)
-        self._weights_ok = bool(sites) and not self._hooked and all(s.groupable for s in sites)
+        self._weights_ok = (bool(sites) and not self._hooked and not self.shares_layers
+                            and all(s.groupable for s in sites))
 
     def _detach(self) -> None:
         for handle in self.handles:
@@ -364,7 +394,8 @@ class Attachment:
         if refusal:
             raise ValueError(refusal)
         binding = settled[0]
-        return binding, RunState(binding.owner, pipe, LoopClock(pipe), _num_train_timesteps(pipe))
+        clock = LoopClock(pipe) if components_of(pipe).get("scheduler") is not None else None
+        return binding, RunState(binding.owner, pipe, clock, pipeline_T(pipe, [binding.info]))
 
     # -- per call ---------------------------------------------------------------------------
     def _weights_allowed(self) -> bool:
@@ -393,27 +424,33 @@ class Attachment:
         if run is None or run.pipeline is not binding.owner.pipeline:
             binding.check()  # not a patched pipeline's own run: nothing checked it at the run's start
         raw = as_call_shape(binding.info.raw_timestep(module, args, kwargs), self.name)
-        if run is None:
+        fixed = binding.info.call_timestep(kwargs) if binding.info.call_timestep is not None else None
+        if fixed is not None:  # the model runs this call at its own timestep (a reference pass)
+            T = run.T if run is not None else binding.owner.num_train_timesteps
+            call = CallTimesteps(torch.tensor(float(fixed), dtype=torch.float64, device=raw.device), True)
+        elif run is None:
             T = binding.owner.num_train_timesteps
             call = resolve(raw, binding.guess, module, T, self.name, None, None)
         else:
             T = run.T
             key = id(binding)
             uniform = run.uniform.get(key)
-            call = resolve(raw, binding.guess, module, T, self.name, (run.clock.now()[0], run.clock), uniform)
+            loop = (run.clock.now()[0], run.clock) if run.clock is not None else None  # no scheduler: the argument
+            call = resolve(raw, binding.guess, module, T, self.name, loop, uniform)
             if uniform is None and raw.device.type != "cpu":
                 run.uniform[key] = call.uniform
+        groups = self._layer_timesteps(binding, call, kwargs, module, T) if binding.info.layer_timesteps else None
         grad = torch.is_grad_enabled()
         t = call.t
-        weights = not grad and call.uniform and self._weights_allowed()
+        weights = not grad and call.uniform and not groups and self._weights_allowed()
         if weights:
             masks = binding.shared_masks(t.reshape(()), T)
             masks_call = None
-        elif t.ndim == 2:  # one timestep per token
-            sample = binding.masks(t.amax(dim=1), T)
-            masks_call = CallMasks(sample, binding.masks(t, T), self.name)
+        elif t.ndim == 2:  # one timestep per token; other layers by the loop's (or each sample's noisiest)
+            sample = binding.masks(call.sample if call.sample is not None else t.amax(dim=1), T)
+            masks_call = CallMasks(sample, binding.masks(t, T), self.name, groups)
         else:
-            masks_call = CallMasks(binding.masks(t.reshape(()) if call.uniform else t, T), None, self.name)
+            masks_call = CallMasks(binding.masks(t.reshape(()) if call.uniform else t, T), None, self.name, groups)
         slot = self.slot
         slot.acquire()
         try:
@@ -431,14 +468,30 @@ class Attachment:
             slot.release()
             raise
 
+    @staticmethod
+    def _layer_timesteps(binding: Binding, call: Any, kwargs: dict, module: nn.Module, T: int) -> Optional[dict]:
+        """Masks of the layers that follow another timestep argument, where it differs from the call's."""
+        groups = {}
+        for arg in binding.info.layer_timesteps:
+            raw = kwargs.get(arg)
+            if raw is None:
+                continue  # the model uses the main timestep for them
+            raw = as_call_shape(raw, f"{binding.name} ({arg})")
+            convention = binding.guess.settled or binding.guess.candidates[0]
+            t = check_range(convention(raw, module, T), tolerance(raw, convention, module, T), T,
+                            f"{binding.name} ({arg})", convention.description)
+            if call.uniform and raw.device.type == "cpu" and bool((t - call.t.to(t.device)).abs().max()
+                                                                     <= tolerance(raw, convention, module, T).max()):
+                continue  # the same timestep as the call's: nothing to tell apart
+            groups[arg] = binding.masks(t.amax(dim=-1) if t.ndim == 2 else t, T)
+        return groups or None
+
     def _post(self, module: nn.Module, args: tuple, output: Any) -> None:
         if module is self.denoiser:
             self.slot.release()
 
 
 def _hooked_mask(module: nn.Module, args: tuple, output: Any) -> Any:
-    from .layer import layer_mask
-
     state = layer_mask(module)
     slot = state.slot if state is not None else None
     if slot is None or slot.mode is None:

@@ -83,7 +83,10 @@ def pipeline_refusal(pipe: Any) -> Optional[str]:
 
 def _as_loop(value: Any) -> torch.Tensor:
     """0-d, or 1-d when the loop holds one timestep per frame (diffusion forcing) or per sample."""
-    t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    if isinstance(value, torch.Tensor):
+        t = value
+    else:  # a Python number: an int stays an integer timestep (it may be a truncated one)
+        t = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
     t = t.detach()
     if t.ndim == 0:
         return t
@@ -123,12 +126,17 @@ class LoopClock:
     def now(self) -> tuple[Optional[torch.Tensor], str]:
         """``(t, source)``: the loop's timestep (0-d, or one per frame), or ``(None, why)``: then match
         the call to :meth:`candidates`."""
+        name = type(self.scheduler).__name__
+        index = self._index("step_index")
         if self._current:
             current = self.pipe.current_timestep
             if current is not None:
+                if not isinstance(current, torch.Tensor) and index is not None:
+                    # a Python number (Cosmos 2.5: int(t), truncated): the scheduler's entry is the exact one
+                    exact = self._training(self.scheduler.timesteps[index].detach())
+                    if abs(float(exact) - float(current)) < 1:
+                        return exact, f"{name}.timesteps[step_index={index}]"
                 return _as_loop(current), "pipe.current_timestep"
-        name = type(self.scheduler).__name__
-        index = self._index("step_index")
         if index is not None:
             return self._training(self.scheduler.timesteps[index].detach()), f"{name}.timesteps[step_index={index}]"
         if self.guiders:
@@ -139,21 +147,32 @@ class LoopClock:
         return None, f"{name}.timesteps"
 
     def _training(self, t: torch.Tensor) -> torch.Tensor:
-        """Scheduler timesteps as training timesteps: a scheduler with ``invert_sigmas`` (Mochi) counts up."""
+        """Scheduler timesteps as training timesteps.
+
+        A scheduler with ``invert_sigmas`` (Mochi) counts up: ``T - t``. ``SCMScheduler`` (Sana Sprint)
+        counts TrigFlow angles ``θ``; the flow-matching time of ``θ`` is ``sin θ / (sin θ + cos θ)``
+        (TrigFlow, Lu & Song 2024, eq. 17), in training units ``T`` times that.
+        """
         config = getattr(self.scheduler, "config", None)
         if getattr(config, "invert_sigmas", False):
             return self.T - t.to(torch.float64)
+        if type(self.scheduler).__name__ == "SCMScheduler":
+            theta = t.to(torch.float64)
+            return self.T * torch.sin(theta) / (torch.sin(theta) + torch.cos(theta))
         return t
 
     def candidates(self) -> Optional[torch.Tensor]:
         """What a call must match when :meth:`now` cannot say: the guiders' current timesteps (before the
-        first step of a modular loop), else every entry of ``scheduler.timesteps`` (float64)."""
-        if self.guiders:
+        first step of a modular loop) and every entry of ``scheduler.timesteps`` (float64)."""
+        timesteps = self.timesteps()
+        if self.guiders:  # a guider may still hold the previous segment's timestep: one candidate among others
             readings = [g.get_state().get("timestep") for g in self.guiders]
             values = [torch.as_tensor(r).detach().to(torch.float64).reshape(-1)[:1] for r in readings if r is not None]
+            if timesteps is not None:
+                values.append(timesteps)
             if values:
-                return torch.cat([v.to(values[0].device) for v in values])
-        return self.timesteps()
+                return torch.cat([v.to(values[-1].device) for v in values])
+        return timesteps
 
     def timesteps(self) -> Optional[torch.Tensor]:
         """Every entry of ``scheduler.timesteps`` as training timesteps (float64)."""

@@ -25,15 +25,18 @@ class LayerMask:
     ``tokenwise``: the layer's rows are the tokens of per-token timesteps (``"frames"``: or of
     per-frame timesteps, each frame's tokens in a row); ``name``: for errors;
     ``masked``: this call's masked weight (``WEIGHTS`` mode, a view into its weight group);
-    ``handles``: hooks to remove on uninstall.
+    ``group``: the forward argument whose timestep masks this layer instead of the main one
+    (LTX-2's audio layers: ``audio_timestep``), or ``None``; ``handles``: hooks to remove on uninstall.
     """
 
-    __slots__ = ("slot", "adapter", "rank_dim", "tokenwise", "name", "masked", "handles")
+    __slots__ = ("slot", "adapter", "rank_dim", "tokenwise", "name", "masked", "group", "handles", "users")
 
     def __init__(self, slot: Any, adapter: str, rank_dim: int, tokenwise: Any, name: str) -> None:
         self.slot, self.adapter, self.rank_dim, self.tokenwise, self.name = slot, adapter, rank_dim, tokenwise, name
         self.masked = None
+        self.group: Optional[str] = None
         self.handles: list[Any] = []
+        self.users = 1  # attachments masking this layer (a layer shared by two denoisers: Z-Image's ControlNet)
 
     def __repr__(self) -> str:
         return f"LayerMask({self.name}, adapter={self.adapter!r}, rank_dim={self.rank_dim}, tokenwise={self.tokenwise})"

@@ -35,15 +35,17 @@ class CallMasks:
 
     ``masks[adapter]`` is ``(R,)`` for a timestep shared by the batch or ``(B, R)`` per
     sample (for per-token calls: each sample's largest timestep). ``token_masks[adapter]``
-    is ``(B, seq, R)`` for per-token calls.
+    is ``(B, seq, R)`` for per-token calls. ``groups[arg][adapter]``: the masks of layers
+    that follow another timestep argument of the call (see :class:`~.layer.LayerMask`).
     """
 
-    __slots__ = ("masks", "token_masks", "batch", "seq", "where", "_views")
+    __slots__ = ("masks", "token_masks", "groups", "batch", "seq", "where", "_views")
 
     def __init__(self, masks: dict[str, torch.Tensor], token_masks: Optional[dict[str, torch.Tensor]] = None,
-                 where: str = "denoiser") -> None:
+                 where: str = "denoiser", groups: Optional[dict[str, dict[str, torch.Tensor]]] = None) -> None:
         self.masks = masks
         self.token_masks = token_masks
+        self.groups = groups or {}
         some = next(iter(masks.values()))
         self.batch = some.shape[0] if some.ndim == 2 and some.shape[0] != 1 else None
         self.seq = next(iter(token_masks.values())).shape[1] if token_masks else None
@@ -52,14 +54,15 @@ class CallMasks:
 
     def view_for(self, state: LayerMask, output: torch.Tensor) -> torch.Tensor:
         """The mask for a layer's output: on its device and dtype, broadcastable along its rank dim."""
-        tokenwise = state.tokenwise and self.token_masks is not None
+        group = state.group if state.group in self.groups else None
+        tokenwise = state.tokenwise and self.token_masks is not None and group is None
         rows = output.shape[1] if tokenwise and output.ndim > 1 else 0
-        key = (state.adapter, output.device, output.dtype, output.ndim, state.rank_dim, tokenwise, rows)
+        key = (state.adapter, output.device, output.dtype, output.ndim, state.rank_dim, tokenwise, rows, group)
         view = self._views.get(key)
         if view is None:
-            view = self._make_view(state, output, tokenwise)
+            view = self._make_view(state, output, tokenwise, group)
             self._views[key] = view
-        if self.batch is not None and output.shape[0] != self.batch:
+        if self.batch is not None and output.shape[0] != self.batch and group is None:
             raise ValueError(
                 f"T-LoRA layer {state.name} received a batch of {output.shape[0]} but the {self.where} call "
                 f"has {self.batch} per-sample timesteps; pass one timestep per sample or a single timestep"
@@ -71,8 +74,9 @@ class CallMasks:
             )
         return view
 
-    def _make_view(self, state: LayerMask, output: torch.Tensor, tokenwise: bool) -> torch.Tensor:
-        mask = (self.token_masks if tokenwise else self.masks)[state.adapter]
+    def _make_view(self, state: LayerMask, output: torch.Tensor, tokenwise: bool, group: Optional[str]) -> torch.Tensor:
+        masks = self.groups[group] if group is not None else self.token_masks if tokenwise else self.masks
+        mask = masks[state.adapter]
         if output.shape[state.rank_dim] != mask.shape[-1]:
             raise ValueError(
                 f"T-LoRA layer {state.name} has rank {output.shape[state.rank_dim]} but its mask has "

@@ -30,21 +30,29 @@ _EPS32 = torch.finfo(torch.float32).eps
 
 @dataclass
 class CallTimesteps:
-    """``t``: scheduler units, float64; 0-d when one timestep holds for the whole batch (``uniform``)."""
+    """``t``: scheduler units, float64; 0-d when one timestep holds for the whole batch (``uniform``).
+
+    ``sample``: for a per-token call, the timestep of the layers that are not token layers: the
+    loop's (0-d) when it is every sample's noisiest token, else ``None`` (each sample's noisiest).
+    """
 
     t: torch.Tensor
     uniform: bool
+    sample: Optional[torch.Tensor] = None
 
 
 def as_call_shape(raw: Any, where: str) -> torch.Tensor:
-    """The timestep argument as a tensor of shape (), (B,) or (B, tokens); trailing size-1 dims dropped.
+    """The timestep argument as a tensor of shape (), (B,) or (B, tokens).
 
-    ``LTXConditionPipeline`` without conditions passes ``(B, 1)``, the LTX long multi-prompt
-    pipeline ``(B, S, 1)``: those are one timestep per sample and per token.
+    Size-1 dims after the batch are dropped and the rest flattened in order: ``LTXConditionPipeline``
+    without conditions passes ``(B, 1)`` (one per sample), the LTX long multi-prompt pipeline
+    ``(B, S, 1)`` (one per token), Cosmos 2.5 ``(B, 1, F, 1, 1)`` (one per latent frame), Sana Video
+    image-to-video ``(B, 1, F, H, W)`` (one per latent position).
     """
     t = torch.as_tensor(raw)
-    while t.ndim > 1 and t.shape[-1] == 1:
-        t = t[..., 0]
+    if t.ndim > 1:
+        kept = [n for n in t.shape[1:] if n != 1]
+        t = t.reshape(t.shape[0], -1) if len(kept) > 1 else t.reshape(t.shape[0], *kept)
     if t.ndim > 2 or t.numel() == 0:
         raise ValueError(
             f"{where} received a timestep of shape {tuple(torch.as_tensor(raw).shape)}: expected 0-d, (batch,) or, for "
@@ -122,6 +130,8 @@ class ConventionGuess:
         self.declared = declared
         self.candidates: list[Convention] = [declared] if declared is not None else list(KNOWN)
         self.seen: list[tuple[float, float]] = []
+        #: extra tolerance while matching a call to an integer loop timestep (set per call, see ``resolve``)
+        self.slack = 0.0
 
     @property
     def settled(self) -> Optional[Convention]:
@@ -143,16 +153,20 @@ class ConventionGuess:
         ``None`` (the noisiest element must be the nearest of ``timesteps``).
         """
         try:
+            every = c(raw, module, T)
+            slack = tolerance(raw, c, module, T) + self.slack
+            margin = slack + 0.01 * T  # Sana Sprint's first flow time is 1.0000037: in range, not a typo
+            if bool(((every < -margin) | (every > T + margin)).any()):
+                return None  # some element is no timestep at all under c
             if isinstance(loop, torch.Tensor):
-                s = c(raw, module, T)
-                _, near = snap(s, tolerance(raw, c, module, T), loop)
+                _, near = snap(every, slack, loop)
                 return loop if bool(near.all()) else None
             s, tol = self._noisiest(c, raw, module, T)
         except ValueError:
             return None
         if loop is None:
             loop = float(timesteps[(timesteps - s).abs().argmin()])
-        return loop if abs(s - loop) <= tol else None
+        return loop if abs(s - loop) <= tol + self.slack else None
 
     def observe(self, raw: torch.Tensor, loop_t: Optional[torch.Tensor], module: nn.Module, T: int,
                 timesteps: Optional[torch.Tensor] = None) -> float:
@@ -259,9 +273,17 @@ def resolve(raw: torch.Tensor, guess: ConventionGuess, module: nn.Module, T: int
         convention = guess.bare_convention()
         t = convention(raw, module, T)
         t = check_range(t, tolerance(raw, convention, module, T), T, where, convention.description)
-        return CallTimesteps(t, _uniform_without_loop(t, raw))
+        uniform = _uniform_without_loop(t, raw)
+        return CallTimesteps(t.reshape(-1)[0] if uniform else t, uniform)
     loop_t, clock = loop
     host = raw.device.type == "cpu" or run_uniform is None
+    if host and guess.settled is not None and not bool(raw.any()):
+        # A call at t = 0 outside the loop's timesteps: the model sees clean tokens (AnyFlow FAR fills
+        # its KV cache between chunks). Under a settled convention that is t = 0: every rank.
+        zero = guess.settled(raw, module, T)
+        if bool((zero == 0).all()):
+            return CallTimesteps(zero.reshape(-1)[0], True)
+    observed = loop_t is None
     if loop_t is None:  # no clock reading: the call's noisiest element names the loop's timestep among the candidates
         candidates = clock.candidates()
         if candidates is None:
@@ -275,11 +297,15 @@ def resolve(raw: torch.Tensor, guess: ConventionGuess, module: nn.Module, T: int
             loop_t, near = snap(s[i], tolerance(raw.reshape(-1)[i], convention, module, T), candidates)
             if not torch.compiler.is_compiling():
                 torch._assert_async(near.all(), f"{where}: a timestep is none of the scheduler's timesteps")
-    elif host and guess.settled is None:
+    # An integer loop timestep may be the truncation of the flow time the model receives (Cosmos 2.5 keeps
+    # int(1000·σ) in scheduler.timesteps and passes σ): then the argument is within one unit of it.
+    slack = 0.999 if not observed and not loop_t.is_floating_point() else 0.0
+    guess.slack = slack
+    if not observed and host and guess.settled is None:
         guess.observe(raw, loop_t, module, T)
     needs_elements = raw.ndim > 0 and (not host or not _all_equal(raw))
     t, convention = guess.convert(raw, module, T, needs_elements)
-    tol = tolerance(raw, convention, module, T)
+    tol = tolerance(raw, convention, module, T) + slack
     loop_t = loop_t.to(device=raw.device, dtype=torch.float64)
     if loop_t.numel() > 1:  # one loop timestep per frame (diffusion forcing): every element must be one of them
         snapped, near = snap(t, tol, loop_t)
@@ -294,13 +320,21 @@ def resolve(raw: torch.Tensor, guess: ConventionGuess, module: nn.Module, T: int
             return CallTimesteps(loop_t, True)
         if not bool(close.reshape(-1)[int(t.reshape(-1).argmax())]):  # the noisiest element must be the loop's
             raise guess.mismatch(raw, float(loop_t), module, T)
-        return CallTimesteps(_structured(t, tol, close, loop_t, clock, T, where, convention), False)
+        shared = t.ndim == 2 and bool(close.gather(1, t.argmax(dim=1, keepdim=True)).all())
+        return CallTimesteps(_structured(t, tol, close, loop_t, clock, T, where, convention), False,
+                             loop_t if shared else None)
     if run_uniform:
         if not torch.compiler.is_compiling():
             torch._assert_async(close.all(), f"{where}: this call's timesteps differ across the batch after uniform "
                                              "calls in the same run, or from the loop's timestep")
         return CallTimesteps(loop_t, True)
-    return CallTimesteps(_structured(t, tol, close, loop_t, clock, T, where, convention), False)
+    sample = None
+    if t.ndim == 2:  # every sample's noisiest token is the loop's: asserted on the device, not read
+        if not torch.compiler.is_compiling():
+            torch._assert_async(close.gather(1, t.argmax(dim=1, keepdim=True)).all(),
+                                f"{where}: a sample's noisiest token is not at the loop's timestep")
+        sample = loop_t
+    return CallTimesteps(_structured(t, tol, close, loop_t, clock, T, where, convention), False, sample)
 
 
 def _structured(t: torch.Tensor, tol: torch.Tensor, close: torch.Tensor, loop_t: torch.Tensor, clock: Any, T: int,

@@ -28,6 +28,12 @@ __all__ = ["TinyCase", "tiny_case", "tiny_cases", "TINY_MODULES", "seeded"]
 TINY_MODULES = (
     "stable_diffusion", "sd3", "flux", "flux2", "qwen_image", "z_image", "chroma", "hidream", "sana", "pixart",
     "auraflow", "lumina2", "cogview4", "wan", "ltx_video", "hunyuan_video", "cogvideox", "mochi",
+    # families released or added since v0.2, and the pipelines of older families that had no case
+    "ltx2", "ltx_more", "skyreels_v2", "chronoedit", "wan_more", "wan_modular", "helios", "krea2", "qwen_image21",
+    "qwen_image_more", "ideogram4", "ernie_image", "flux3", "flux2_more", "minimax_h3", "anima", "echo",
+    "bria_fibo", "prx", "kandinsky5", "kandinsky3", "sana_video", "sana_more", "cosmos", "hunyuan_more", "anyflow",
+    "animatediff", "text_to_video", "controlnet_xs", "unclip", "wuerstchen", "ace_step", "proteina",
+    "z_image_more", "sd3_more",
 )
 
 
@@ -46,6 +52,9 @@ class TinyCase:
         lora_targets: PEFT ``target_modules`` for a test LoRA on each of ``denoiser_attrs``.
         denoiser_attrs: pipeline attributes whose denoisers tests put LoRAs on.
         per_token: the pipeline passes one timestep per token (``(B, seq)``) to its denoiser.
+        fixed_calls: ``kwargs -> timestep or None``: calls the model runs at a timestep of its own,
+            whatever the loop's (AnyFlow FAR fills its KV cache at 0 between chunks; Wan-Animate 2's
+            reference pass runs at 1), in scheduler units; what the test reference masks them by.
     """
 
     name: str
@@ -56,6 +65,7 @@ class TinyCase:
     lora_targets: tuple[str, ...]
     denoiser_attrs: tuple[str, ...] = ("transformer",)
     per_token: bool = False
+    fixed_calls: Optional[Callable[[dict], Optional[float]]] = None
 
 
 _CASES: Optional[dict[str, TinyCase]] = None

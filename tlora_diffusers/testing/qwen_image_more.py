@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import finish, randn
-from .qwen_image import _JOINT_DIM, _TARGETS, _TEXT_LEN, _Z_DIM, _embeds, _scheduler
+from ._parts import finish
+from .qwen_image import _JOINT_DIM, _TARGETS, _Z_DIM, _embeds, _scheduler
 from .sana_more import unzero
 
 __all__ = ["CASES"]

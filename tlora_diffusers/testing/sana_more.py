@@ -59,12 +59,13 @@ def _build(pipeline: str):
         def make():
             parts: dict[str, Any] = {"tokenizer": None, "text_encoder": None, "vae": _vae()}
             if pipeline == "SanaControlNetPipeline":
-                transformer = _transformer(sprint=False)
-                parts.update(transformer=transformer, scheduler=_scheduler(), controlnet=unzero(diffusers.SanaControlNetModel(
+                controlnet = diffusers.SanaControlNetModel(
                     in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2,
                     attention_head_dim=8, num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
                     cross_attention_dim=16, caption_channels=_CAPTION_DIM, sample_size=8, patch_size=1,
-                )))
+                )
+                parts.update(transformer=_transformer(sprint=False), scheduler=_scheduler(),
+                             controlnet=unzero(controlnet))
             else:
                 parts.update(transformer=_transformer(sprint=True), scheduler=_scm())
             return getattr(diffusers, pipeline)(**parts)

@@ -212,6 +212,11 @@ def _animate_inputs(pipe: Any, seed: int) -> dict:
     )
 
 
+def _reference_pass(kwargs: dict):
+    """The reference-extraction pass: the model replaces its timestep by 1 (transformer_wan_animate_2.py:857)."""
+    return 1.0 if kwargs.get("kv_cache_mode") == "extract" else None
+
+
 CASES = [
     TinyCase(
         name="wan-modular", family="wan", pipeline="WanModularPipeline", build=_build_t2v, inputs=_inputs(),
@@ -236,9 +241,11 @@ CASES = [
     TinyCase(
         name="wan-animate2-modular", family="wan-animate2", pipeline="WanAnimate2ModularPipeline",
         build=_build_animate(distilled=False), inputs=_animate_inputs, lora_targets=_ANIMATE_LORA_TARGETS,
+        fixed_calls=_reference_pass,
     ),
     TinyCase(
         name="wan-animate2-distilled-modular", family="wan-animate2", pipeline="WanAnimate2DistilledModularPipeline",
         build=_build_animate(distilled=True), inputs=_animate_inputs, lora_targets=_ANIMATE_LORA_TARGETS,
+        fixed_calls=_reference_pass,
     ),
 ]
