@@ -106,9 +106,13 @@ def describe(module: nn.Module, *, need_declared: bool = False) -> Denoiser:
     ``need_declared``: a bare denoiser (no pipeline loop to infer from) needs a family.
     """
     from . import find_family, supported_models
+    from .support import refusal_of
 
-    family = find_family(module)
     cls = type(module)
+    refusal = refusal_of(cls)
+    if refusal:
+        raise TypeError(f"a T-LoRA cannot be masked on {refusal}")
+    family = find_family(module)
     if family is not None:
         arg = family.timestep_arg
         if arg not in _parameters(cls):

@@ -57,7 +57,8 @@ def scheduler_refusal(pipe: Any) -> Optional[str]:
             "EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
         )
     config = getattr(scheduler, "config", None)
-    if getattr(config, "timestep_type", None) == "continuous":
+    # EulerDiscreteScheduler's timesteps become 0.25·log σ with continuous timesteps and v-prediction
+    if getattr(config, "timestep_type", None) == "continuous" and getattr(config, "prediction_type", None) == "v_prediction":
         return (
             f"{type(pipe).__name__} samples with {name}(timestep_type='continuous'), {_EDM}. Sample with discrete "
             f"timesteps: pipe.scheduler = {name}.from_config(pipe.scheduler.config, timestep_type='discrete')"

@@ -77,15 +77,29 @@ def _sdxl_components(seed: int, text_encoders: bool) -> dict[str, Any]:
 
 
 def build_sdxl(seed: int = 0, text_encoders: bool = False, pipeline: str = "StableDiffusionXLPipeline",
-               controlnet: bool = False) -> Any:
-    """SDXL: UNet + two CLIP text towers, Euler with SDXL's "leading" spacing and offset 1."""
+               controlnet: Any = False) -> Any:
+    """SDXL: UNet + two CLIP text towers, Euler with SDXL's "leading" spacing and offset 1.
+
+    ``controlnet``: ``True`` for a ``ControlNetModel``, ``"union"`` for a ``ControlNetUnionModel``.
+    """
     import diffusers
 
     components = _sdxl_components(seed, text_encoders)
-    if controlnet:
+    if controlnet == "union":
+        components["controlnet"] = seeded(seed + 1, lambda: _union_controlnet(components["unet"]))
+    elif controlnet:
         components["controlnet"] = seeded(seed + 1, lambda: diffusers.ControlNetModel.from_unet(components["unet"]))
     kwargs = {"add_watermarker": False}
     return finish(getattr(diffusers, pipeline)(**components, **kwargs))
+
+
+def _union_controlnet(unet: Any) -> Any:
+    """A ``ControlNetUnionModel`` of the tiny UNet's shape; its control-type transformer narrowed to 32 wide."""
+    from diffusers import ControlNetUnionModel
+
+    shape = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16),
+                                           load_weights_from_unet=False).config
+    return ControlNetUnionModel.from_config(shape, num_trans_channel=32, num_proj_channel=32, num_trans_head=2)
 
 
 def build_sd(seed: int = 0, text_encoders: bool = False, pipeline: str = "StableDiffusionPipeline") -> Any:
@@ -161,4 +175,8 @@ CASES = [
     TinyCase("sdxl-controlnet", "stable-diffusion", "StableDiffusionXLControlNetPipeline",
              lambda seed: build_sdxl(seed, pipeline="StableDiffusionXLControlNetPipeline", controlnet=True),
              _inputs(sdxl_embeds, image=_image), LORA_TARGETS, ("unet", "controlnet")),
+    TinyCase("sdxl-controlnet-union", "stable-diffusion", "StableDiffusionXLControlNetUnionPipeline",
+             lambda seed: build_sdxl(seed, pipeline="StableDiffusionXLControlNetUnionPipeline", controlnet="union"),
+             _inputs(sdxl_embeds, control_image=lambda seed: [_image(seed)], control_mode=[0]), LORA_TARGETS,
+             ("unet", "controlnet")),
 ]
