@@ -98,6 +98,25 @@ def test_reversed_conventions_give_few_ranks_at_high_noise(name):
     assert applied == [reference_rank(t, 8, 1, 1.0) for t in times]
 
 
+@pytest.mark.parametrize("name", sorted(n for n in MASKED if len(CASES[n].denoiser_attrs) > 1))
+@torch.no_grad()
+def test_the_lora_on_every_denoiser_of_a_case_reaches_the_output(name):
+    """Otherwise the reference comparison could not see a wrong mask there (zero-initialised ControlNet outputs)."""
+    case = CASES[name]
+    pipe = build(case)
+    full = output(pipe(**case.inputs(pipe, 0)))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for attr in case.denoiser_attrs:
+        layers = [m for m in getattr(pipe, attr).modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        without = output(pipe(**case.inputs(pipe, 0)))
+        for layer in layers:
+            layer.enable_adapters(True)
+        assert (full.float() - without.float()).abs().max() > 1e-4, f"the LoRA on pipe.{attr} does not change the output"
+
+
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_refused_denoisers_are_refused_at_patch_time_with_their_reason(name):
     case = CASES[name]

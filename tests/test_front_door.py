@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_io_lycoris import SIMPLETUNER_CONFIG, train_lycoris
 

@@ -131,24 +131,27 @@ def test_the_example_tlora_loads_with_stock_diffusers_and_the_mask_changes_the_i
 
 
 def test_the_experiment_pipeline_runs_in_seconds(experiment, pipe, evaluator, tmp_path):
-    """Two checkpoints of each method (training extended by resume), metrics, matched-IS summary, report."""
+    """Two checkpoints of LoRA and a T-LoRA (training extended by resume), masked and unmasked samples, the
+    summary, the report and the plot."""
     from tlora_diffusers.scenes.evaluate import concept_scene, customization_prompts
 
     items = len(customization_prompts(concept_scene(0), 1))
-    rows = [experiment.run_one(method, 4, 0, [2, 4], 3e-4, tmp_path, pipe, evaluator, 1, PIPELINE)
-            for method in experiment.METHODS]
+    rows = [dict(experiment.run_one(config, 4, 0, [2, 4], 3e-4, tmp_path, pipe, evaluator, 1, PIPELINE), seconds=1.0)
+            for config in ("lora", "tlora_min1")]
     for row in rows:
         assert [c["step"] for c in row["curve"]] == [2, 4]
         for c in row["curve"]:
             assert 0 <= c["TS"] <= 1 and -1 <= c["IS"] <= 1 and c["n"] == items
-        assert ("unmasked" in row) == (row["method"] != "lora")
-    result = {"summary": experiment.summarize(rows), "seeds": 1, "command": "test", "seconds": 1.0, "rows": rows}
-    assert set(result["summary"]["table"]) == {f"{m}/r4" for m in experiment.METHODS}
-    paired = result["summary"]["matched_vs_lora"]["tlora/r4/TS"]
-    assert paired["seeds"] == 1 and len(paired["ci95"]) == 2
-    md = experiment.render_markdown(result)
-    assert "| LoRA |" in md and "Vanilla T-LoRA" in md and "unmasked" in md
-    assert not any(tmp_path.glob("*-r4-s0"))  # each run's training folder is removed after it
+            assert ("unmasked" in c) == (row["config"] != "lora")
+    assert rows[1]["min_rank"] == 1 and rows[0]["min_rank"] == 4
+    result = experiment.write_results(tmp_path, "t", rows, ["test"], [2, 4], 1, items)
+    summary = result["summary"]
+    assert set(summary["table"]) == {"lora/r4", "tlora_min1/r4"}
+    assert summary["matched_vs_lora"]["tlora_min1/r4/TS"]["n"] == 1
+    assert set(summary["mask_ab"]["tlora_min1/r4"]) >= {"IS", "TS", "copy_rate", "saturation", "per_step"}
+    md = (tmp_path / "t.md").read_text()
+    assert "| LoRA |" in md and "masked − unmasked" in md and (tmp_path / "t.png").stat().st_size > 0
+    assert not any(tmp_path.glob("*-r4-s0-*"))  # each run's training folder is removed after it
 
 
 def test_bootstrap_interval_and_matched_interpolation(experiment):

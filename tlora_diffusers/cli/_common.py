@@ -18,7 +18,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..config import TLoRAConfig
 
 __all__ = [
     "CLIError",
@@ -207,7 +206,7 @@ def model_dir(path: str, flag: str = "--model") -> Path:
         folder = folder.parent
     if not (folder / MODEL_INDEX).is_file():
         what = ("no such folder" if not folder.exists() else
-                f"a file, not a pipeline folder" if folder.is_file() else
+                "a file, not a pipeline folder" if folder.is_file() else
                 f"not a diffusers pipeline folder (no {MODEL_INDEX} in it)")
         raise CLIError(
             f"{flag} {path}: {what}; pass a local folder written by save_pretrained, e.g. "

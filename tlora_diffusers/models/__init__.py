@@ -20,7 +20,7 @@ import importlib
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import torch.nn as nn
 
@@ -33,12 +33,19 @@ __all__ = [
     "timestep_parameter",
 ]
 
-#: Modules of the built-in families (imported on first lookup; none of them imports diffusers).
-BUILTIN_FAMILIES = (
-    "stable_diffusion", "sd3", "flux", "flux2", "qwen_image", "z_image", "chroma", "hidream", "sana", "pixart",
-    "auraflow", "lumina2", "cogview4", "wan", "ltx_video", "hunyuan_video", "cogvideox", "mochi", "ltx2",
-    "skyreels_v2", "prx", "anyflow", "wuerstchen", "sana_video", "wan_animate2",
-)
+#: Modules of this package that are not a family (every other module defines one ``FAMILY``).
+_NOT_FAMILIES = ("conventions", "docs", "generic", "support")
+
+
+def _builtin_family_modules() -> tuple[str, ...]:
+    """Every family module of this package: adding a family is adding its file (none of them imports diffusers)."""
+    import pkgutil
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                        if not m.name.startswith("_") and m.name not in _NOT_FAMILIES))
+
+
+BUILTIN_FAMILIES = _builtin_family_modules()
 
 
 def token_layer_rule(*patterns: str) -> Callable[[str], bool]:

@@ -51,6 +51,8 @@ def support_counts(rows=None) -> dict[str, int]:
 
 def supported_models_markdown(rows=None) -> str:
     """One row per denoiser class: its family file (if any), the convention, its pipelines by status."""
+    from .support import REFUSED_DENOISERS
+
     rows = _rows() if rows is None else rows
     classes: dict[str, list] = collections.defaultdict(list)
     for r in rows:
@@ -71,7 +73,9 @@ def supported_models_markdown(rows=None) -> str:
     for denoiser in sorted(classes):
         family = _family_name(denoiser)
         spec = model_families().get(family) if family else None
-        if spec is not None and spec.convention is not None:
+        if denoiser in REFUSED_DENOISERS:
+            passes = "refused (below)"
+        elif spec is not None and spec.convention is not None:
             passes = f"`{spec.timestep_arg}` = {spec.convention.description}"
         elif spec is not None:
             passes = f"`{spec.timestep_arg}`, convention inferred per pipeline"
@@ -85,9 +89,9 @@ def supported_models_markdown(rows=None) -> str:
         cell = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in sorted(by.items()))
         note = " (video: experimental)" if spec is not None and spec.video else ""
         lines.append(f"| `{denoiser}` | {f'`{family}`' if family else '–'}{note} | {passes} | {cell} |")
-    refused = sorted({r.detail for r in rows if r.status == "refused"})
+    refused = sorted({f"`{d}`: {REFUSED_DENOISERS[d]}" for r in rows for d in r.denoisers if d in REFUSED_DENOISERS})
     if refused:
-        lines += ["", "Refused:", ""] + [f"- {reason}" for reason in refused]
+        lines += ["", "Refused (TLoRAPatch raises this when the denoiser carries a LoRA):", ""] + [f"- {x}" for x in refused]
     return "\n".join(lines)
 
 

@@ -142,6 +142,7 @@ def pipeline_denoisers(pipe: Any) -> dict[str, nn.Module]:
     wrappers unwrapped; text encoders never), unet/transformer first."""
     from ..runtime.clock import components_of
     from . import find_family
+    from .support import refusal_of
 
     found = {}
     for name, value in components_of(pipe).items():
@@ -150,7 +151,7 @@ def pipeline_denoisers(pipe: Any) -> dict[str, nn.Module]:
         module = getattr(value, "_orig_mod", value)
         if is_text_model(module):
             continue
-        if find_family(module) is not None or timestep_parameter(type(module)) is not None:
-            found[name] = module
+        if find_family(module) is not None or timestep_parameter(type(module)) is not None or refusal_of(type(module)):
+            found[name] = module  # a refused class too: patching it raises its reason
     order = {a: i for i, a in enumerate(PIPELINE_ORDER)}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))

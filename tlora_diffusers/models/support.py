@@ -29,6 +29,10 @@ REFUSED_DENOISERS = {
         "are not implemented, so no mask could be trusted. Load the file as an ordinary LoRA (without TLoRAPatch) "
         "only if it is one"
     ),
+    "PriorTransformer": (
+        "Stable unCLIP's prior runs a loop of its own (pipe.prior_scheduler) before the UNet's, which the masks "
+        "follow, and diffusers' load_lora_weights never puts a LoRA there: load the T-LoRA into the UNet"
+    ),
     "RFD4ProteinaTransformer": (
         "RFD4-Proteina is conditioned on two independent diffusion times per call (bb_ca_time and "
         "local_latents_time, each from its own scheduler, 0 = noise), and a T-LoRA has one rank schedule r(t): "
@@ -144,14 +148,18 @@ def pipeline_support(cases: Optional[dict[str, Any]] = None) -> list[SupportRow]
     rows = []
     for name in sorted(pipelines):
         classes = denoisers[name]
-        refused = [REFUSED_DENOISERS[c] for c in classes if c in REFUSED_DENOISERS]
-        if refused:
-            rows.append(SupportRow(name, classes, "refused", refused[0]))
-        elif name in by_pipeline:
-            rows.append(SupportRow(name, classes, "tested", ", ".join(sorted(by_pipeline[name]))))
-        elif classes and all(c in tested_classes for c in classes):
-            via = sorted({case for c in classes for case in tested_classes[c]})
-            rows.append(SupportRow(name, classes, "masked", ", ".join(via[:3]) + (", ..." if len(via) > 3 else "")))
+        refused = [c for c in classes if c in REFUSED_DENOISERS]
+        note = "".join(f" (a LoRA on {c} is refused)" for c in refused)
+        if refused and len(refused) == len(classes):
+            rows.append(SupportRow(name, classes, "refused", REFUSED_DENOISERS[refused[0]]))
+            continue
+        classes_masked = tuple(c for c in classes if c not in refused)
+        if name in by_pipeline:
+            rows.append(SupportRow(name, classes, "tested", ", ".join(sorted(by_pipeline[name])) + note))
+        elif classes_masked and all(c in tested_classes for c in classes_masked):
+            via = sorted({case for c in classes_masked for case in tested_classes[c]})
+            rows.append(SupportRow(name, classes, "masked",
+                                   ", ".join(via[:3]) + (", ..." if len(via) > 3 else "") + note))
         else:
             rows.append(SupportRow(name, classes, "unknown", "no tiny case covers its denoiser classes"))
     return rows

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import ATTRIBUTES, BASE_SHAPES, SHAPES, caption, render, sample_scene
-from .models import LATENT_SIZE, SceneEvaluator, build_scheduler, build_text_encoder, build_unet, build_vae
+from .models import SceneEvaluator, build_scheduler, build_text_encoder, build_unet, build_vae
 
 __all__ = ["main", "scene_batches", "augment"]
 

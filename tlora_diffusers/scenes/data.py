@@ -10,7 +10,7 @@ can be taught a concept the base has never seen.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -164,8 +164,3 @@ def caption(scene: Scene, rng: Optional[random.Random] = None, drop: float = 0.0
     """A training caption: each attribute is left out with probability ``drop``."""
     keep = [a for a in ATTRIBUTES if rng is None or rng.random() >= drop]
     return scene_words(scene, keep)
-
-
-def with_attribute(scene: Scene, **changes: str) -> Scene:
-    """``scene`` with some attributes replaced (validated)."""
-    return replace(scene, **changes)

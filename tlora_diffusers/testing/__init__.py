@@ -24,17 +24,15 @@ from typing import Any, Callable, Optional
 
 __all__ = ["TinyCase", "tiny_case", "tiny_cases", "TINY_MODULES", "seeded"]
 
-#: Modules of this package that define ``CASES`` (one per model family).
-TINY_MODULES = (
-    "stable_diffusion", "sd3", "flux", "flux2", "qwen_image", "z_image", "chroma", "hidream", "sana", "pixart",
-    "auraflow", "lumina2", "cogview4", "wan", "ltx_video", "hunyuan_video", "cogvideox", "mochi",
-    # families released or added since v0.2, and the pipelines of older families that had no case
-    "ltx2", "ltx_more", "skyreels_v2", "chronoedit", "wan_more", "wan_modular", "helios", "krea2", "qwen_image21",
-    "qwen_image_more", "ideogram4", "ernie_image", "flux3", "flux2_more", "minimax_h3", "anima", "echo",
-    "bria_fibo", "prx", "kandinsky5", "kandinsky3", "sana_video", "sana_more", "cosmos", "hunyuan_more", "anyflow",
-    "animatediff", "text_to_video", "controlnet_xs", "unclip", "wuerstchen", "ace_step", "proteina",
-    "z_image_more", "sd3_more",
-)
+def _case_modules() -> tuple[str, ...]:
+    """Every module of this package that defines ``CASES`` (all but the shared ``_parts``)."""
+    import pkgutil
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+
+#: Modules of this package that define ``CASES``: a family's tiny pipelines are one file here.
+TINY_MODULES = _case_modules()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 __all__ = [
     "clip_tokenizer", "t5_tokenizer", "qwen_tokenizer", "mistral_tokenizer", "clip_text_model", "t5_encoder",
     "qwen3_encoder", "mistral3_encoder", "vae", "flux2_vae", "flow_scheduler", "finish", "randn", "CLIP_MAX_LENGTH",
-    "TEXT_LEN", "LATENT_CHANNELS",
+    "TEXT_LEN", "LATENT_CHANNELS", "unzero",
 ]
 
 # Text-encoder widths. The denoisers' conditioning widths are derived from these, so a
@@ -271,3 +271,14 @@ def randn(generator: torch.Generator, *shape: int, like: Any = None) -> torch.Te
     """CPU normal noise (reproducible across devices), moved to ``like``'s device and dtype."""
     x = torch.randn(*shape, generator=generator)
     return x if like is None else x.to(device=like.device, dtype=like.dtype)
+
+
+def unzero(net: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Give a ControlNet's zero-initialised projections (``zero_module``) small random weights, so that the
+    control branch, and a test LoRA on it (rightly or wrongly masked), reach the output."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) \
+                    and not module.weight.any():
+                module.weight.normal_(std=std)
+    return net

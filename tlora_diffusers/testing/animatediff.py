@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import finish, vae
+from ._parts import finish, unzero, vae
 from .stable_diffusion import (
     LORA_TARGETS,
     SD_TE,
@@ -61,19 +61,19 @@ def _sd_vae():
 def _controlnet(unet):
     from diffusers import ControlNetModel
 
-    return ControlNetModel.from_unet(unet)
+    return unzero(ControlNetModel.from_unet(unet))
 
 
 def _sparse_controlnet():
     """SparseCtrl RGB: the condition frames are VAE-encoded (4 channels) plus the frame mask."""
     from diffusers import SparseControlNetModel
 
-    return SparseControlNetModel(
+    return unzero(SparseControlNetModel(
         in_channels=4, conditioning_channels=4, down_block_types=("DownBlockMotion", "CrossAttnDownBlockMotion"),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=SD_TE,
         attention_head_dim=(2, 4), conditioning_embedding_out_channels=(8, 16), motion_num_attention_heads=2,
         use_simplified_condition_embedding=True,
-    )
+    ))
 
 
 def _build_sd(pipeline: str, *, controlnet: str | None = None):

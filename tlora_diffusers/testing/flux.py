@@ -8,7 +8,7 @@ import torch
 
 from . import TinyCase, seeded
 from ._parts import LATENT_CHANNELS, TEXT_LEN, clip_text_model, clip_tokenizer, finish, flow_scheduler, randn, \
-    t5_encoder, t5_tokenizer, vae
+    t5_encoder, t5_tokenizer, unzero, vae
 
 __all__ = ["CASES", "flux_transformer", "build_flux", "flux_embeds", "LORA_TARGETS", "FLUX_CLIP", "T5_DIM"]
 
@@ -47,9 +47,9 @@ def build_flux(seed: int = 0, text_encoders: bool = False, pipeline: str = "Flux
                           text_encoder=seeded(seed, lambda: clip_text_model(FLUX_CLIP, projection_dim=None)),
                           text_encoder_2=seeded(seed, t5_encoder))
     if controlnet:
-        components["controlnet"] = seeded(seed + 1, lambda: diffusers.FluxControlNetModel.from_transformer(
+        components["controlnet"] = seeded(seed + 1, lambda: unzero(diffusers.FluxControlNetModel.from_transformer(
             components["transformer"], num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, load_weights_from_transformer=True))
+            num_attention_heads=2, load_weights_from_transformer=True)))
     return finish(getattr(diffusers, pipeline)(**components))
 
 

@@ -96,15 +96,27 @@ def _common(seed: int, size: int = _SIZE) -> dict:
 # ----------------------------------------------------------------------------------------- SDXL
 
 
+def _controlnet(unet: torch.nn.Module) -> torch.nn.Module:
+    """An SDXL ControlNet from the UNet with its zero convolutions made non-zero: zero-initialised, they would
+    discard the ControlNet's output, and with it any effect of a (wrongly or rightly masked) LoRA on it."""
+    from diffusers import ControlNetModel
+
+    zero = ("controlnet_down_blocks.", "controlnet_mid_block.", "controlnet_cond_embedding.conv_out.")
+    controlnet = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(zero):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return controlnet
+
+
 def _build_sdxl(*, controlnet: bool = False, image: bool = False):
     def build(seed: int) -> Any:
-        from diffusers import ControlNetModel
-
         components: dict[str, Any] = {"unet": seeded(seed, sdxl_unet), "scheduler": _euler()}
         if image:  # img2img: the stock VAE-encode step runs on the image
             components["vae"] = seeded(seed, lambda: vae(scaling_factor=0.13025, shift_factor=None, quant_conv=True))
         if controlnet:
-            components["controlnet"] = seeded(seed + 1, lambda: ControlNetModel.from_unet(components["unet"]))
+            components["controlnet"] = seeded(seed + 1, lambda: _controlnet(components["unet"]))
         drop = ("text_encoder", "ip_adapter", "decode") + (() if image else ("vae_encoder",))
         return _modular("StableDiffusionXLModularPipeline", components, drop)
 

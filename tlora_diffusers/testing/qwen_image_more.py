@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import finish
+from ._parts import finish, unzero
 from .qwen_image import _JOINT_DIM, _TARGETS, _Z_DIM, _embeds, _scheduler
-from .sana_more import unzero
 
 __all__ = ["CASES"]
 

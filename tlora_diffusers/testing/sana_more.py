@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import LATENT_CHANNELS, finish, randn
+from ._parts import LATENT_CHANNELS, finish, randn, unzero
 from .sana import _CAPTION_DIM, _TARGETS, _TEXT_LEN, _scheduler, _vae
 
-__all__ = ["CASES", "unzero"]
+__all__ = ["CASES"]
 
 
 def _transformer(*, sprint: bool):
@@ -33,16 +33,6 @@ def _transformer(*, sprint: bool):
         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
         caption_channels=_CAPTION_DIM, sample_size=8, patch_size=1, **extra,
     )
-
-
-def unzero(net: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    """Give a controlnet's zero-initialised projections (``zero_module``) small random weights, so
-    that the control branch, and a test LoRA on it, reach the output."""
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.any():
-                module.weight.normal_(std=std)
-    return net
 
 
 def _scm():

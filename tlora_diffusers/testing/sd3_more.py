@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import finish, flow_scheduler, vae
-from .sana_more import unzero
+from ._parts import finish, flow_scheduler, unzero, vae
 from .sd3 import LORA_TARGETS, sd3_embeds, sd3_transformer
 
 __all__ = ["CASES"]

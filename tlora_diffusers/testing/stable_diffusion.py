@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from . import TinyCase, seeded
-from ._parts import CLIP_MAX_LENGTH, LATENT_CHANNELS, clip_text_model, clip_tokenizer, finish, randn, vae
+from ._parts import CLIP_MAX_LENGTH, LATENT_CHANNELS, clip_text_model, clip_tokenizer, finish, randn, unzero, vae
 
 __all__ = ["CASES", "sdxl_unet", "sd_unet", "build_sdxl", "build_sd", "sdxl_embeds", "sd_embeds", "LORA_TARGETS"]
 
@@ -86,9 +86,9 @@ def build_sdxl(seed: int = 0, text_encoders: bool = False, pipeline: str = "Stab
 
     components = _sdxl_components(seed, text_encoders)
     if controlnet == "union":
-        components["controlnet"] = seeded(seed + 1, lambda: _union_controlnet(components["unet"]))
+        components["controlnet"] = seeded(seed + 1, lambda: unzero(_union_controlnet(components["unet"])))
     elif controlnet:
-        components["controlnet"] = seeded(seed + 1, lambda: diffusers.ControlNetModel.from_unet(components["unet"]))
+        components["controlnet"] = seeded(seed + 1, lambda: unzero(diffusers.ControlNetModel.from_unet(components["unet"])))
     kwargs = {"add_watermarker": False}
     return finish(getattr(diffusers, pipeline)(**components, **kwargs))
 
