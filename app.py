@@ -5,7 +5,10 @@
 The model folder starts at the shipped scenes model (a small text-to-image model trained for
 this project) with an example T-LoRA trained on it; any local diffusers folder works, and
 ``tiny:sdxl`` builds a tiny random SDXL offline. Environment: ``TLORA_MODEL`` (the folder
-to start with), ``TLORA_DEVICE`` (default: ``cuda`` if available, else ``cpu``).
+to start with), ``TLORA_DEVICE`` (default: ``cuda`` if available, else ``cpu``), ``TLORA_THREADS``
+(torch CPU threads; default ``auto``: the CPUs this process may use minus those other
+processes keep busy, so a shared 2-vCPU Space is not slowed down by threads spinning against
+each other). Gradio's usage analytics are off: the app runs offline.
 
 The handlers are plain functions (:func:`generate`, :func:`tiny_tlora_file`) so they can be
 called and tested without a browser. Pipelines are cached per model folder and shared by
@@ -16,11 +19,14 @@ load its T-LoRA onto a pipeline, patch, sample, unpatch and delete the adapter a
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
 
 import torch
 
@@ -30,8 +36,10 @@ from tlora_diffusers.cli._common import load_pipeline, model_dir as check_model_
 from tlora_diffusers.io.load import denoiser_of
 from tlora_diffusers.plot import figure_to_image, rank_schedule_figure
 from tlora_diffusers.scenes import EXAMPLE_TLORA, PIPELINE
+from tlora_diffusers.threads import apply_threads
 
-__all__ = ["TINY_MODEL", "SCENES_MODEL", "EXAMPLE_TLORA", "generate", "get_pipeline", "tiny_tlora_file", "build_demo"]
+__all__ = ["TINY_MODEL", "SCENES_MODEL", "EXAMPLE_TLORA", "THREADS", "generate", "get_pipeline", "tiny_tlora_file",
+           "user_message", "build_demo"]
 
 #: The model name that builds a tiny random SDXL pipeline offline (for trying other models' code paths).
 TINY_MODEL = "tiny:sdxl"
@@ -40,6 +48,8 @@ SCENES_MODEL = str(PIPELINE)
 #: LoRA targets of :func:`tiny_tlora_file` (attention of the tiny SDXL UNet).
 TINY_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
+#: Torch CPU threads for every request (TLORA_THREADS, default auto), chosen once at start.
+THREADS = apply_threads()
 _LOCK = threading.Lock()
 _PIPELINES: dict[str, Any] = {}
 _TINY_DIR: Optional[Path] = None
@@ -132,11 +142,12 @@ def generate(
     cfg = loaded.config
     ranks = active_rank(timesteps, cfg, T).tolist()
     info = "\n".join([
-        f"**T-LoRA** `{Path(path).name}` ({loaded.format}): max_rank {cfg.max_rank}, min_rank {cfg.min_rank}, "
+        f"- **T-LoRA**: `{Path(path).name}` ({loaded.format}); max_rank {cfg.max_rank}, min_rank {cfg.min_rank}, "
         f"alpha {cfg.alpha:g}, layout {cfg.layout}",
-        f"**Model** `{model_dir}` ({type(pipe).__name__}, {pipe.device}, {str(pipe.dtype).replace('torch.', '')})",
-        f"**Active rank per step**: {', '.join(map(str, ranks))}",
-        f"**Time**: masked {middle - start:.2f} s, unmasked {end - middle:.2f} s",
+        f"- **Model**: `{Path(model_dir).name or model_dir}` ({type(pipe).__name__}, {pipe.device}, "
+        f"{str(pipe.dtype).replace('torch.', '')}, {THREADS} CPU thread{'s' * (THREADS != 1)})",
+        f"- **Active rank per step**: {', '.join(map(str, ranks))}",
+        f"- **Time**: masked {middle - start:.2f} s, unmasked {end - middle:.2f} s",
     ])
     return _display(masked), _display(unmasked), schedule, info
 
@@ -167,6 +178,15 @@ def tiny_tlora_file(max_rank: int = 8, min_rank: int = 1, alpha: float = 1.0, se
     return str(save_tlora(path, get_peft_model_state_dict(unet), meta, lora.to_dict()))
 
 
+def user_message(error: BaseException, lora_file: Any = None) -> str:
+    """One line for the page: Gradio's temporary upload paths (``/tmp/gradio/<hash>/x``) shown as the file's name."""
+    text = " ".join(str(error).split())
+    uploaded = _path(lora_file) if lora_file else None
+    if uploaded:
+        text = text.replace(uploaded, Path(uploaded).name)
+    return re.sub(r"\S*/gradio/[0-9a-f]{16,}/(\S+)", r"\1", text)
+
+
 def build_demo() -> Any:
     """The Gradio Blocks UI around :func:`generate`, queued one request at a time."""
     import gradio as gr
@@ -175,7 +195,7 @@ def build_demo() -> Any:
         try:
             return generate(model_dir, lora_file, prompt, steps, seed, negative, guidance)
         except (ValueError, OSError, TypeError) as e:  # user errors: shown in the page, not as a traceback
-            raise gr.Error(" ".join(str(e).split())) from None
+            raise gr.Error(user_message(e, lora_file)) from None
 
     with gr.Blocks(title="T-LoRA: masked vs unmasked") as demo:
         gr.Markdown(

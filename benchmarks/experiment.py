@@ -116,6 +116,7 @@ def run_one(config: str, rank: int, seed: int, checkpoints: list[int], lr: float
     curve = []
     for steps in checkpoints:
         result = train(_config(config, rank, seed, image, out, steps, lr, model))
+        print(f"[experiment]   {config} r{rank} s{seed}: {steps} steps trained, sampling", flush=True)
         images = _sample(pipe, result.output_file, items, 10_000 + seed, masks)
         point: dict[str, Any] = {"step": steps}
         for masked, imgs in images.items():

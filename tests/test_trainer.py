@@ -282,16 +282,49 @@ def test_model_card_and_push_to_hub_up_to_the_upload(models, images, tmp_path, m
     monkeypatch.setattr(huggingface_hub, "create_repo",
                         lambda repo_id, exist_ok: calls.setdefault("create", repo_id) and type("R", (), {"repo_id": repo_id}))
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the Hub calls are all stubbed
     train(config(models, images, tmp_path, steps=2, validation_prompts=["a sks square"], validation_steps=2,
                  push_to_hub=True, hub_model_id="me/sks-square"))
     card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
-    assert card.data.base_model == str(models["sdxl"]) and card.data.instance_prompt == "a photo of sks square"
+    # a local base model is no Hub repo id: left out of the Hub metadata, named in the text
+    assert card.data.base_model is None and card.data.instance_prompt == "a photo of sks square"
+    assert f"`{models['sdxl'].name}`" in card.text and "https://github.com/)" not in card.text
     assert {"lora", "t-lora", "diffusers"} <= set(card.data.tags)
     text = card.text
     assert "max_rank | 4" in text and "min_rank | 1" in text and "TLoRAPatch(pipe)" in text
     assert "pipe.load_lora_weights(\"me/sks-square\")" in text and "validation/step-000002-0.png" in text
     assert calls["create"] == "me/sks-square" and calls["upload"]["folder_path"] == str(tmp_path)
     assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+def test_push_to_hub_is_checked_before_training_and_a_failed_upload_says_where_the_weights_are(models, images, tmp_path,
+                                                                                           monkeypatch):
+    import huggingface_hub
+
+    out = tmp_path / "offline"
+    with pytest.raises(OSError, match=r"--push-to-hub to me/x: the Hugging Face Hub is switched off here.*nothing was "
+                                      r"trained"):
+        train(config(models, images, out, steps=2, push_to_hub=True, hub_model_id="me/x"))
+    assert not out.exists()  # refused before anything was written
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def broken(*a, **k):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", broken)
+    with pytest.raises(OSError, match=r"the upload to the Hub repo me/x failed.*saved in .*pytorch_lora_weights"):
+        train(config(models, images, out, steps=2, push_to_hub=True, hub_model_id="me/x"))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_lora_baseline_card_does_not_call_it_a_t_lora(models, images, tmp_path):
+    import huggingface_hub
+
+    train(config(models, images, tmp_path, steps=2, rank=4, min_rank=4))
+    card = huggingface_hub.ModelCard.load(tmp_path / "README.md")
+    assert card.text.lstrip().startswith("# LoRA:") and "t-lora" not in card.data.tags and "TLoRAPatch" not in card.text
 
 
 def test_two_processes_under_accelerate_launch_match_one_process_with_the_combined_batch(models, images, tmp_path):

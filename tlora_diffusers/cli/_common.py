@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -33,6 +34,12 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "quiet_libraries",
+    "add_threads",
+    "use_threads",
+    "scenes_alias",
+    "lora_source",
+    "local_lora",
+    "writable_dir",
     "DTYPES",
 ]
 
@@ -65,6 +72,32 @@ def _int_at_least(minimum: int):
 
 positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
+
+
+# -- CPU threads ------------------------------------------------------------------------------
+
+
+def _threads(text: str) -> str:
+    from ..threads import choose_threads
+
+    try:
+        choose_threads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_threads, default="auto", metavar="N",
+                        help="torch CPU threads: a number, or auto = the CPUs this process may use minus those "
+                             "other processes keep busy (also TLORA_THREADS)")
+
+
+def use_threads(args: argparse.Namespace) -> int:
+    """Set torch's CPU threads from ``--threads`` (see :mod:`tlora_diffusers.threads`)."""
+    from ..threads import apply_threads
+
+    return apply_threads(None if getattr(args, "threads", "auto") == "auto" else args.threads)
 
 
 # -- quiet by default -----------------------------------------------------------------------------
@@ -199,20 +232,71 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
+#: ``--model scenes``: the shipped scenes model; ``--lora scenes-example``: the T-LoRA shipped with it.
+SCENES, SCENES_EXAMPLE = "scenes", "scenes-example"
+
+
+def scenes_alias(path: str) -> str:
+    """``scenes`` stands for the shipped scenes model's pipeline folder."""
+    if path == SCENES:
+        from ..scenes import PIPELINE
+
+        return str(PIPELINE)
+    return path
+
+
 def model_dir(path: str, flag: str = "--model") -> Path:
     """A local diffusers folder (``model_index.json`` inside, or that file itself), or a clear error."""
+    path = scenes_alias(path)
     folder = Path(path)
     if folder.is_file() and folder.name == MODEL_INDEX:
         folder = folder.parent
     if not (folder / MODEL_INDEX).is_file():
+        if folder.is_dir():  # one level off? (the scenes weights folder holds its pipeline in pipeline/)
+            inside = sorted(p.parent for p in list(folder.glob(f"*/{MODEL_INDEX}")) + list(folder.glob(f"*/*/{MODEL_INDEX}")))
+            if inside:
+                raise CLIError(f"{flag} {path}: not a diffusers pipeline folder (no {MODEL_INDEX} in it); did you "
+                               f"mean {inside[0]}?")
         what = ("no such folder" if not folder.exists() else
                 "a file, not a pipeline folder" if folder.is_file() else
                 f"not a diffusers pipeline folder (no {MODEL_INDEX} in it)")
         raise CLIError(
-            f"{flag} {path}: {what}; pass a local folder written by save_pretrained, e.g. "
-            "`hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`"
+            f"{flag} {path}: {what}; pass a local folder written by save_pretrained (`{SCENES}` is the shipped "
+            "scenes model), e.g. `hf download stabilityai/stable-diffusion-xl-base-1.0 --local-dir DIR`"
         )
     return folder
+
+
+def lora_source(text: str, flag: str = "--lora") -> str:
+    """A LoRA argument: a local file or folder (checked now), ``scenes-example``, or an explicit Hub file
+    ``hf://user/repo[/file.safetensors]`` (never a guess: ``a/b`` that does not exist is a missing file)."""
+    if text == SCENES_EXAMPLE:
+        from ..scenes import EXAMPLE_TLORA
+
+        return str(EXAMPLE_TLORA)
+    if text.startswith("hf://"):
+        parts = text[len("hf://"):].strip("/").split("/")
+        if len(parts) < 2 or not all(parts[:2]):
+            raise CLIError(f"{flag} {text}: a Hub file is written hf://user/repo or hf://user/repo/file.safetensors")
+        return text
+    if not Path(text).exists():
+        raise CLIError(f"{flag} {text}: no such file or folder (a Hub repo is written hf://user/repo"
+                       f"[/file.safetensors]; `{SCENES_EXAMPLE}` is the T-LoRA shipped with the scenes model)")
+    return text
+
+
+def writable_dir(path: str, flag: str = "--out") -> Path:
+    """An output folder that exists or can be made, checked before any long work."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{flag} {out}: a file is in the way; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"{flag} {out}: cannot create this folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise CLIError(f"{flag} {out}: not writable")
+    return out
 
 
 def load_pipeline(path: str, device: torch.device, dtype: torch.dtype, verbose: bool = False) -> Any:
@@ -239,12 +323,24 @@ def load_denoiser(path: str, verbose: bool = False, component: Optional[str] = N
     except ValueError as e:
         raise CLIError(f"--model {path}: {MODEL_INDEX} is not valid JSON ({e})") from None
     known = set(supported_models())
+
+    def denoiser_class(library: str, class_name: str) -> bool:
+        if class_name in known:
+            return True
+        try:  # a class no family names: a denoiser if its forward takes a timestep
+            from ..models.generic import timestep_parameter
+
+            cls = getattr(importlib.import_module(library), class_name)
+            return isinstance(cls, type) and issubclass(cls, torch.nn.Module) and timestep_parameter(cls) is not None
+        except Exception:
+            return False
+
     found = [name for name, value in index.items()
-             if isinstance(value, list) and len(value) == 2 and value[1] in known]
+             if isinstance(value, list) and len(value) == 2 and value[0] and denoiser_class(*value)]
     if component is not None:
         found = [name for name in found if name == component]
     if not found:
-        raise CLIError(f"--model {path}: {MODEL_INDEX} lists no denoiser of a supported model family")
+        raise CLIError(f"--model {path}: {MODEL_INDEX} lists no denoiser (a model whose forward takes a timestep)")
     library, class_name = index[found[0]]
     with quiet_libraries(verbose):
         cls = getattr(importlib.import_module(library), class_name)
@@ -263,23 +359,24 @@ def read_lora(path: str, denoiser: Optional[torch.nn.Module], args: argparse.Nam
 
     overrides = schedule_overrides(args)
     options = {"lycoris_config": args.lycoris_config} if getattr(args, "lycoris_config", None) else {}
+    given, path = path, str(local_lora(path))
     try:
         converted = read_tlora(path, denoiser, **options)
     except NeedsInputError as e:
         if e.needs == "denoiser":
             raise CLIError(
-                f"{path}: a LyCORIS/SimpleTuner T-LoRA does not store its frozen base; it is rebuilt from the base "
+                f"{given}: a LyCORIS/SimpleTuner T-LoRA does not store its frozen base; it is rebuilt from the base "
                 "model's weights, so pass --model PATH (the pipeline folder it was trained on)"
             ) from None
         rank = e.partial.get("rank")
         if not overrides:
             raise CLIError(
-                f"{path} carries no T-LoRA schedule: pass the one it was trained with, --min-rank M --alpha A "
+                f"{given} carries no T-LoRA schedule: pass the one it was trained with, --min-rank M --alpha A "
                 f"(--max-rank defaults to the file's rank, {rank})"
                 + (", or --lycoris-config FILE (SimpleTuner's lycoris_config.json)" if "lycoris" in str(e) else "")
             ) from None
         if "max_rank" in overrides and overrides["max_rank"] != rank:
-            raise CLIError(f"--max-rank {overrides['max_rank']} does not fit {path}: its rank is {rank}; leave "
+            raise CLIError(f"--max-rank {overrides['max_rank']} does not fit {given}: its rank is {rank}; leave "
                            "--max-rank out") from None
         try:
             return read_tlora(path, denoiser, min_rank=overrides.get("min_rank", 1),
@@ -291,7 +388,7 @@ def read_lora(path: str, denoiser: Optional[torch.nn.Module], args: argparse.Nam
     file_cfg = converted.meta.config
     if "max_rank" in overrides and overrides["max_rank"] != file_cfg.max_rank:
         raise CLIError(
-            f"--max-rank {overrides['max_rank']} does not fit {path}: its rank is {file_cfg.max_rank} "
+            f"--max-rank {overrides['max_rank']} does not fit {given}: its rank is {file_cfg.max_rank} "
             f"(layout {file_cfg.layout!r}); a T-LoRA masks the LoRA's own ranks, so leave --max-rank out"
         )
     try:
@@ -302,9 +399,21 @@ def read_lora(path: str, denoiser: Optional[torch.nn.Module], args: argparse.Nam
     return converted
 
 
+def local_lora(text: str, flag: str = "--lora") -> Path:
+    """:func:`lora_source`, made local: a Hub file is taken from the cache or downloaded (as diffusers does)."""
+    from ..io.load import _from_hub, resolve_path
+
+    source = lora_source(text, flag)
+    if not source.startswith("hf://"):
+        return resolve_path(source)
+    parts = source[len("hf://"):].strip("/").split("/")
+    options = {"weight_name": "/".join(parts[2:])} if len(parts) > 2 else {}
+    return resolve_path(_from_hub("/".join(parts[:2]), options))
+
+
 def load_lora(pipe: Any, path: str, args: argparse.Namespace) -> Any:
     """:func:`read_lora`, then load it onto the pipeline's denoiser; returns :class:`~tlora_diffusers.io.LoadedTLoRA`."""
-    from ..io.load import denoiser_of, load_converted, resolve_path
+    from ..io.load import denoiser_of, load_converted
 
     converted = read_lora(path, denoiser_of(pipe), args)
-    return load_converted(pipe, converted, resolve_path(path))
+    return load_converted(pipe, converted, local_lora(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ._common import positive_int, quiet_libraries
+from ._common import add_threads, positive_int, quiet_libraries, use_threads
 from ._help import HelpFormatter
 
 __all__ = ["add_parser", "run"]
@@ -35,17 +35,15 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
                    help="rank of both adapters; the T-LoRA's min_rank is R // 2")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of both adapters")
     p.add_argument("--seed", type=int, default=0, help="picks the concept and seeds training and sampling")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_threads(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..demo import run_demo
 
-    torch.set_num_threads(args.threads)
+    use_threads(args)
     with quiet_libraries(args.verbose):
         s = run_demo(args.out, steps=args.train_steps, rank=args.rank, learning_rate=args.lr, seed=args.seed,
                      progress=not args.quiet)

@@ -24,21 +24,28 @@ from ._common import (
     DTYPES,
     CLIError,
     add_schedule_overrides,
+    add_threads,
     load_lora,
     load_pipeline,
+    lora_source,
+    model_dir,
     non_negative_int,
     positive_int,
     quiet_libraries,
     resolve_device,
     resolve_dtype,
+    use_threads,
+    writable_dir,
 )
 
 __all__ = ["add_parser", "run", "PromptJob", "read_prompts", "my_share", "write_pngs"]
 
 EPILOG = """\
 examples:
+  tlora-diffusers generate --model scenes --lora scenes-example --prompt "a sks shape on a blue background" \\
+      --also-unmasked --grid                     # runs as written: the shipped scenes model and its T-LoRA
   tlora-diffusers generate --model ./sdxl --lora out/ --prompt "a photo of a sks dog" --seed 1 --num-images 4
-  tlora-diffusers generate --model ./sdxl --lora out/ --prompt "a sks dog" --no-mask --grid
+  tlora-diffusers generate --model ./sdxl --lora hf://me/sks-dog-tlora --prompt "a sks dog"
   tlora-diffusers generate --model ./sdxl --lora plain_lora.safetensors --min-rank 32 --alpha 1 \\
       --prompt "a sks dog"                       # a file without a schedule: give it (rank from the file)
   tlora-diffusers generate --model ./sdxl --lora lycoris.safetensors --lycoris-config lycoris_config.json \\
@@ -61,8 +68,11 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
         description="Load a local diffusers pipeline and a T-LoRA file, generate with the rank mask, and\n"
         "save PNGs with their settings embedded.",
     )
-    p.add_argument("--model", required=True, metavar="PATH", help="local diffusers pipeline folder")
-    p.add_argument("--lora", required=True, metavar="FILE", help="T-LoRA file, or a folder holding one")
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="local diffusers pipeline folder; `scenes` is the shipped scenes model")
+    p.add_argument("--lora", required=True, metavar="FILE",
+                   help="T-LoRA file or a folder holding one; hf://user/repo[/file] for a Hub file; `scenes-example` "
+                        "is the T-LoRA shipped with the scenes model")
     prompts = p.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt")
     prompts.add_argument("--prompts", metavar="FILE", help="many prompts: text or JSONL, one per line")
@@ -78,10 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
     p.add_argument("--device", default="auto", help="auto (accelerate's / best available), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: float32 on CPU, bfloat16 (or float16) on GPU")
-    p.add_argument("--no-mask", action="store_true",
-                   help="also render each image unmasked (all ranks at every step) for comparison")
+    p.add_argument("--also-unmasked", "--no-mask", dest="no_mask", action="store_true",
+                   help="also render each image without the mask (all ranks at every step), beside the masked one, "
+                        "for comparison (--no-mask is the old name)")
     p.add_argument("--grid", action="store_true", help="also write one labelled grid per prompt")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, no file list")
+    add_threads(p)
     add_schedule_overrides(p, "schedule", "the T-LoRA config: replaces fields of the file's for this run, or gives it "
                            "for a file without one")
     p.set_defaults(run=run)
@@ -137,6 +149,9 @@ def read_prompts(path: str, seed: int = 0, negative_prompt: Optional[str] = None
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if line.startswith("["):  # a JSON array is not a prompt: refuse it instead of drawing its text
+            raise CLIError(f"--prompts {path}:{lineno}: a JSON array; write one prompt per line, or one JSON object "
+                           'per line like {"prompt": "a sks dog", "seed": 1}')
         if line.startswith("{"):
             jobs.append(_json_job(line, f"--prompts {path}:{lineno}", len(jobs), seed, negative_prompt))
         else:
@@ -225,6 +240,21 @@ def _check_options(pipe: Any, params: dict, jobs: list[PromptJob], args: argpars
             raise CLIError(f"{flag}: {type(pipe).__name__} takes no {name}; leave {flag} out for this model")
 
 
+def _note_resolution(pipe: Any, args: argparse.Namespace, tag: str) -> None:
+    """Say when the asked size is not the model's own (the pipeline's default when none is given)."""
+    from ..training.data import model_resolution
+
+    if args.width is None and args.height is None:
+        return
+    try:
+        native = model_resolution(pipe)
+    except ValueError:
+        return
+    width, height = args.width or native, args.height or native
+    if (width, height) != (native, native) and not args.quiet:
+        print(f"{tag}note: {width}x{height} differs from the model's resolution {native}x{native}", flush=True)
+
+
 def _pipe_kwargs(params: dict, job: PromptJob, seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "prompt": job.prompt, "num_inference_steps": args.steps, "num_images_per_prompt": len(seeds),
@@ -270,9 +300,10 @@ def run(args: argparse.Namespace, state: Any = None) -> int:
         raise CLIError("--prompt is empty; pass the text to generate")
     else:
         jobs = [PromptJob(0, args.prompt, args.seed, args.negative_prompt)]
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: a file is in the way; pass a folder")
+    lora_source(args.lora)  # checked before the pipeline loads: a mistyped path fails at once
+    model_dir(args.model)
+    out = writable_dir(args.out)
+    use_threads(args)
     state = state if state is not None else _distributed_state(args.device)
     distributed = state.num_processes > 1
     tag = f"[{state.process_index}/{state.num_processes}] " if distributed else ""
@@ -282,6 +313,7 @@ def run(args: argparse.Namespace, state: Any = None) -> int:
     pipe = load_pipeline(args.model, device, dtype, args.verbose)
     params = _call_parameters(pipe)
     _check_options(pipe, params, jobs, args)
+    _note_resolution(pipe, args, tag)
     with quiet_libraries(args.verbose):
         loaded = load_lora(pipe, args.lora, args)
     lora_format = loaded.format

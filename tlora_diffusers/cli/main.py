@@ -108,6 +108,13 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename and error.strerror:  # not "[Errno 2] ...: 'x'"
+        path = str(error.filename)
+        text = f"{path}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+        parent = os.path.dirname(os.path.abspath(path))
+        if error.errno == 2 and not os.path.isdir(parent):
+            text += f" (the folder {parent} does not exist)"
+        return text
     return " ".join(str(error).split()) or type(error).__name__
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -60,3 +60,32 @@ def load_images(files: Sequence[Path], resolution: int) -> torch.Tensor:
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
         out.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)
     return torch.stack(out)
+
+
+def image_sizes(files: Sequence[Path]) -> list[tuple[int, int]]:
+    """``(width, height)`` of each image, read from its header."""
+    from PIL import Image, UnidentifiedImageError
+
+    sizes = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path}: cannot read this image ({e})") from None
+    return sizes
+
+
+def model_resolution(pipe: Any) -> int:
+    """The image side the pipeline generates by default: its ``default_sample_size`` (or the UNet's
+    ``sample_size``) times the VAE's scale factor (the shipped scenes model: 16 x 2 = 32; SDXL: 128 x 8)."""
+    factor = getattr(pipe, "vae_scale_factor", None) or 8
+    size = getattr(pipe, "default_sample_size", None)
+    if size is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{type(pipe).__name__} does not say its resolution; pass resolution= (--resolution PX)")
+    return size * int(factor)

@@ -23,9 +23,9 @@ from ..config import TLoRAConfig
 from ..io.format import TLoRAFileMetadata, save_tlora
 from ..ortho import SIG_TYPES
 from ..patch import TLoRAPatch
-from .card import push_to_hub, write_model_card
+from .card import check_hub_access, push_to_hub, write_model_card
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import file_digest, find_images, load_images
+from .data import file_digest, find_images, image_sizes, load_images, model_resolution
 from .ortho import add_ortho_tlora, export_ortho_peft, ortho_layers, orthogonality_penalty, remove_ortho_tlora
 from .recipes import recipe_for
 from .targets import check_rank, default_targets, resolve_targets
@@ -51,7 +51,7 @@ class TrainConfig:
     images: Union[str, Sequence[str]]
     prompt: str
     output_dir: str
-    resolution: int = 512
+    resolution: Optional[int] = None
     steps: int = 800
     learning_rate: float = 1e-4
     rank: int = 16
@@ -88,6 +88,9 @@ class TrainConfig:
         need(self.sig_type in SIG_TYPES, f"sig_type must be one of {SIG_TYPES}, got {self.sig_type!r}")
         need(self.ortho_init in ("random", "weight"), f"ortho_init must be 'random' or 'weight', got {self.ortho_init!r}")
         need(self.mixed_precision in ("no", "fp16", "bf16"), f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        need(self.resolution is None or (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
+                                         and self.resolution >= 16 and self.resolution % 16 == 0),
+             f"resolution must be a multiple of 16 and >= 16 (or None: the model's), got {self.resolution!r}")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "validation_steps", "keep_checkpoints"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
@@ -129,6 +132,8 @@ class TrainResult:
     validation_images: list[Path]
     #: False in the other processes of an ``accelerate launch`` run (only the main one writes files).
     main_process: bool = True
+    #: What the run decided for you (e.g. the resolution the images were resized to).
+    notes: list[str] = field(default_factory=list)
 
 
 #: Settings that change the trained weights: a resumed run must share every one of them.
@@ -146,17 +151,28 @@ def _identity(cfg: TrainConfig, world_size: int = 1) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def _check_output_dir(cfg: TrainConfig, world_size: int) -> tuple[Path, int]:
-    """The output folder, checked; returns it and the step a resumed run continues from (0: a new run)."""
+def _check_output_dir(cfg: TrainConfig) -> Path:
+    """The output folder, checked before anything is loaded (nothing is created yet)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
     has_run = out.is_dir() and (any((out / m).exists() for m in _RUN_MARKERS) or latest_checkpoint(out) is not None)
+    if cfg.resume and not (out / RUN_FILE).is_file():
+        raise ValueError(f"resume: {out} holds no run to resume ({RUN_FILE} missing)")
+    if not cfg.resume and has_run and not cfg.overwrite:
+        raise ValueError(
+            f"output_dir {out} already holds a training run; pass --resume to continue it or --overwrite to replace it"
+        )
+    if cfg.push_to_hub:
+        check_hub_access(cfg.hub_model_id or out.resolve().name)
+    return out
+
+
+def _check_resume(cfg: TrainConfig, out: Path, world_size: int) -> int:
+    """The step a resumed run continues from (0: a new run); its settings must be the run's."""
     done = 0
     if cfg.resume:
         run_file = out / RUN_FILE
-        if not run_file.is_file():
-            raise ValueError(f"resume: {out} holds no run to resume ({RUN_FILE} missing)")
         previous = json.loads(run_file.read_text())
         ours = _identity(cfg, world_size)
         diff = sorted(k for k in ours if previous["identity"].get(k) != ours[k])
@@ -169,12 +185,7 @@ def _check_output_dir(cfg: TrainConfig, world_size: int) -> tuple[Path, int]:
             raise ValueError(
                 f"resume: the run in {out} already trained {done} steps; pass steps >= {done} to continue it"
             )
-    elif has_run and not cfg.overwrite:
-        raise ValueError(
-            f"output_dir {out} already holds a training run; pass --resume to continue it or --overwrite to replace it"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out, done
+    return done
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -233,9 +244,23 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
 
     started = time.perf_counter()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    out, done = _check_output_dir(cfg, world)
-    images = load_images(find_images(cfg.images), cfg.resolution)
+    out = _check_output_dir(cfg)
+    files = find_images(cfg.images)
     pipe = _load_pipeline(cfg, pipe)
+    notes: list[str] = []
+    if cfg.resolution is None:
+        cfg = dataclasses.replace(cfg, resolution=model_resolution(pipe))
+    sizes = image_sizes(files)
+    if any(min(size) != cfg.resolution for size in sizes):
+        w, h = sizes[0]
+        notes.append(f"the training images ({w}x{h}{', ...' if len(sizes) > 1 else ''}) are resized and centre-cropped "
+                     f"to {cfg.resolution}x{cfg.resolution}, the "
+                     + ("model's resolution" if cfg.resolution == model_resolution(pipe) else "requested resolution"))
+    images = load_images(files, cfg.resolution)
+    _check_resume(cfg, out, world)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run refused above leaves no folder behind
+    if not cfg.progress:
+        pipe.set_progress_bar_config(disable=True)
     recipe = recipe_for(pipe)
     denoiser = getattr(pipe, recipe.component)
     targets = resolve_targets(denoiser, cfg.target_modules or default_targets(denoiser))
@@ -345,7 +370,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         probe_start = state.get("probe_loss_start") or probe_loss()
         model.train()
         bar = tqdm(total=cfg.steps, initial=start_step, disable=not cfg.progress or not accelerator.is_main_process,
-                   desc="training T-LoRA")
+                   desc="training LoRA" if cfg.min_rank == cfg.rank else "training T-LoRA")
         for step in range(start_step, cfg.steps):
             with accelerator.accumulate(model):
                 # Each step in its own context: even a KeyboardInterrupt (which skips the
@@ -384,7 +409,13 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
             _write_json(out / RUN_FILE, summary)
             write_model_card(out, cfg, type(pipe).__name__, type(denoiser).__name__, validation)
             if cfg.push_to_hub:
-                push_to_hub(out, cfg.hub_model_id or f"{Path(cfg.output_dir).resolve().name}")
+                repo = cfg.hub_model_id or f"{Path(cfg.output_dir).resolve().name}"
+                try:
+                    push_to_hub(out, repo)
+                except Exception as e:
+                    raise OSError(f"the upload to the Hub repo {repo} failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); the trained T-LoRA is saved in "
+                                  f"{output_file}: upload it later with `hf upload {repo} {out}`") from None
         else:
             output_file = out / "pytorch_lora_weights.safetensors"
         accelerator.wait_for_everyone()
@@ -392,7 +423,7 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         for undo in reversed(cleanup):
             undo()
     return TrainResult(output_file, cfg.steps, state["losses"], probe_start, probe_end,
-                       time.perf_counter() - started, validation, accelerator.is_main_process)
+                       time.perf_counter() - started, validation, accelerator.is_main_process, notes)
 
 
 def _release_accelerator_state(mixed_precision: str) -> None:
