@@ -49,6 +49,6 @@ def test_train_command_and_its_errors(tmp_path, capsys):
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
     assert main(args + ["--overwrite", "--min-rank", "7"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tlora-diffusers: error: ") and "min_rank" in err and "Traceback" not in err
+    assert err.startswith("tlora-diffusers: error: ") and "--min-rank" in err and "Traceback" not in err
     assert main(["train", "--help"]) == 0
     assert "pipe.load_lora_weights" in capsys.readouterr().out

@@ -135,6 +135,6 @@ def test_convert_errors_leave_no_file(files, tmp_path):
     pipe = tiny_pipeline("sdxl")
     before = state_hash(pipe.unet)
     for fn in (inspect_tlora, lambda p: load_tlora(pipe, p)):
-        with pytest.raises(ValueError, match=r"locon.safetensors: unknown T-LoRA key layout .*supported formats: .*lycoris.*controlgenai"):
+        with pytest.raises(ValueError, match=r"locon.safetensors: unknown T-LoRA key layout .*known formats: .*lycoris.*controlgenai.*kohya"):
             fn(locon)
     assert state_hash(pipe.unet) == before and not getattr(pipe.unet, "peft_config", None)

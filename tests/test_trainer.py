@@ -185,6 +185,32 @@ def test_mixed_precision_bf16_then_full_precision_in_one_process(models, images,
     assert bf16.losses != fp32.losses
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "ortho"])
+def test_every_checkpoint_holds_its_tlora_and_its_state_files_are_not_taken_for_one(models, images, tmp_path, variant):
+    from safetensors.torch import load_file
+
+    from tlora_diffusers import load_tlora, read_schedule
+
+    result = train(config(models, images, tmp_path, steps=4, checkpoint_every=2, variant=variant))
+    final = load_file(str(result.output_file))
+    at_end = load_file(str(tmp_path / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
+    mid = load_file(str(tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors"))
+    assert at_end.keys() == final.keys() and all(torch.equal(at_end[k], final[k]) for k in final)
+    assert mid.keys() == final.keys() and any(not torch.equal(mid[k], final[k]) for k in final)  # two steps earlier
+    assert read_schedule(tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors") == read_schedule(result.output_file)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(models["sdxl"]))
+    assert load_tlora(pipe, tmp_path / "checkpoint-2").path.name == "pytorch_lora_weights.safetensors"
+    for name in ("params.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name}: training state of a tlora_diffusers checkpoint \(for --resume\), "
+                                             r"not a T-LoRA; the checkpoint's T-LoRA is .*checkpoint-2"):
+            load_tlora(pipe, tmp_path / "checkpoint-2" / name)
+    (tmp_path / "checkpoint-2" / "pytorch_lora_weights.safetensors").unlink()  # as an older version wrote it
+    with pytest.raises(ValueError, match=r"checkpoint-2: a training checkpoint without T-LoRA weights"):
+        load_tlora(pipe, tmp_path / "checkpoint-2")
+
+
 def test_failed_resume_names_the_checkpoint_and_leaves_the_pipeline_as_it_was(models, images, tmp_path):
     from diffusers import DiffusionPipeline
 

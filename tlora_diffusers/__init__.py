@@ -20,6 +20,7 @@ _EXPORTS = {
     "save_tlora": "io",
     "inspect_tlora": "io",
     "convert_tlora": "io",
+    "read_schedule": "io",
     "LoadedTLoRA": "io",
     "TLoRAFileMetadata": "io",
     "TLoRAReport": "io",
@@ -42,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .backends import LayerBackend, MaskSite, register_layer_backend
     from .config import TLoRAConfig
     from .io import (LoadedTLoRA, TLoRAFileMetadata, TLoRAReport, convert_tlora, inspect_tlora, load_tlora,
-                     read_tlora, save_tlora)
+                     read_schedule, read_tlora, save_tlora)
     from .models import ModelFamily, conventions, model_families, register_model_family, supported_models
     from .patch import TLoRAPatch
     from .schedule import active_rank, lora_rank_mask, rank_mask

@@ -29,7 +29,7 @@ __all__ = [
     "TLORA_METADATA_KEY", "FILE_FORMAT_VERSION", "READABLE_VERSIONS", "VARIANTS", "COMPONENT_PREFIXES", "WEIGHT_NAME",
     "PEFT_MARKER", "TLoRAFileMetadata", "json_object", "read_safetensors_metadata", "read_tlora_metadata",
     "peft_metadata", "config_from_peft", "weights_fingerprint", "fingerprint_matches", "config_after_hotswap",
-    "adapter_schedules",
+    "adapter_schedules", "ss_mirror",
 ]
 
 TLORA_METADATA_KEY = "tlora_config"
@@ -296,3 +296,22 @@ def adapter_schedules(denoiser: Any, adapters: Sequence[str], cfg: Union[None, T
             f"TLoRAPatch(pipe, {{{missing[0]!r}: TLoRAConfig(...)}})"
         )
     return out
+
+
+def ss_mirror(meta: "TLoRAFileMetadata", lora_config: Optional[Mapping[str, Any]] = None) -> dict[str, str]:
+    """The kohya-side keys of a schedule, as the sd-scripts T-LoRA fork and Fizgig write and read them.
+
+    ``ss_network_module``/``ss_network_dim``/``ss_network_alpha`` and ``ss_tlora_min_rank``,
+    ``ss_tlora_alpha_rank_scale`` (the exponent), ``ss_tlora_max_timestep`` (1000: scheduler units),
+    ``ss_tlora_init`` (kaiming: vanilla; orthogonal: ortho keys), ``ss_adapter="tlora"`` (Fizgig's marker).
+    Our ``tlora_config`` stays the source of truth; these say the same for tools that read only them.
+    """
+    cfg = meta.config
+    lora_alpha = (lora_config or {}).get("lora_alpha", cfg.lora_rank)
+    return {
+        "ss_network_module": "networks.lora_tlora", "ss_network_dim": str(cfg.max_rank),
+        "ss_network_alpha": str(float(cfg.max_rank if cfg.layout == "paired" else lora_alpha)),
+        "ss_tlora_min_rank": str(cfg.min_rank), "ss_tlora_alpha_rank_scale": str(float(cfg.alpha)),
+        "ss_tlora_max_timestep": "1000", "ss_tlora_init": "orthogonal" if cfg.layout == "paired" else "kaiming",
+        "ss_tlora_sig_type": "last", "ss_adapter": "tlora",
+    }

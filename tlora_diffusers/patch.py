@@ -173,12 +173,14 @@ class TLoRAPatch:
         bindings, seen = [], set()
         for attr, denoiser in candidates.items():
             name = type(denoiser).__name__ if attr is None else f"pipe.{attr}"
-            info = describe(denoiser, need_declared=attr is None)  # a bare denoiser has no loop to infer from
             if names is None:
                 adapters = active_adapters(denoiser)
             else:
                 loaded = set(loaded_adapters(denoiser))
                 adapters = [a for a in names if a in loaded]
+            if not adapters and attr is not None:
+                continue  # (a refused denoiser without a LoRA, e.g. Stable unCLIP's prior, is left alone)
+            info = describe(denoiser, need_declared=attr is None)  # a bare denoiser has no loop to infer from
             if not adapters:
                 continue
             seen.update(adapters)

@@ -30,7 +30,7 @@ COMMANDS = {
     "generate": ("generate", "generate images with a T-LoRA on a local diffusers pipeline"),
     "schedule": ("schedule", "print (and plot) the active rank at each timestep and sampling step"),
     "inspect": ("inspect", "describe a T-LoRA file: format, schedule, rank, modules"),
-    "convert": ("convert", "convert a T-LoRA file to tlora_diffusers' self-describing safetensors"),
+    "convert": ("convert", "convert a T-LoRA file: to ours, to kohya, to the ComfyUI-T-LoRA layout, or to a static LoRA"),
 }
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)  # CLIError is a ValueError
 

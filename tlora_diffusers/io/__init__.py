@@ -10,7 +10,8 @@ from .format import (
 )
 from .formats import ConvertedTLoRA, TLoRAFormat, detect_format, formats, register_format
 from .inspect import TLoRAReport, convert_tlora, inspect_tlora
-from .load import LoadedTLoRA, load_tlora, read_tlora
+from .export import EXPORT_FORMATS, node_settings
+from .load import LoadedTLoRA, load_tlora, read_schedule, read_tlora
 
 __all__ = [
     "TLORA_METADATA_KEY",
@@ -30,4 +31,7 @@ __all__ = [
     "register_format",
     "inspect_tlora",
     "convert_tlora",
+    "read_schedule",
+    "EXPORT_FORMATS",
+    "node_settings",
 ]

@@ -23,7 +23,7 @@ from .format import TLoRAFileMetadata
 __all__ = ["ConvertedTLoRA", "TLoRAFormat", "register_format", "formats", "detect_format", "BUILTIN_FORMATS"]
 
 #: Modules of the built-in formats, in detection order.
-BUILTIN_FORMATS = ("diffusers_format", "lycoris", "paper")
+BUILTIN_FORMATS = ("diffusers_format", "lycoris", "paper", "kohya")
 
 
 @dataclass
@@ -95,8 +95,8 @@ def detect_format(keys: list[str], metadata: dict[str, str], path: Union[str, Pa
     for fmt in known:
         if fmt.detect(keys, metadata):
             return fmt
-    sample = ", ".join(sorted(keys)[:3]) or "no tensors"
+    sample = ", ".join(sorted(keys)[:2]) or "no tensors"
     raise ValueError(
-        f"{path}: unknown T-LoRA key layout (e.g. {sample}); supported formats: "
-        + "; ".join(f"{f.name} ({f.description})" for f in known)
+        f"{path}: unknown T-LoRA key layout (e.g. {sample}); known formats: {', '.join(f.name for f in known)} "
+        "(the README's table shows their keys; tlora_diffusers.io.register_format teaches a new one)"
     )

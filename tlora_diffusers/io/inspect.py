@@ -21,7 +21,7 @@ from .common import NeedsInputError
 from .formats import ConvertedTLoRA, detect_format
 from .load import check_modules, denoiser_of, read_tensors, read_tlora, resolve_path
 
-__all__ = ["inspect_tlora", "convert_tlora", "write_converted", "compress_names", "TLoRAReport"]
+__all__ = ["inspect_tlora", "convert_tlora", "write_converted", "output_path", "compress_names", "TLoRAReport"]
 
 _INDEX = re.compile(r"(?<=[._])\d+(?=[._]|$)")
 
@@ -139,26 +139,60 @@ def convert_tlora(
     dst: Union[str, Path],
     denoiser: Optional[Any] = None,
     cfg: Optional[TLoRAConfig] = None,
+    *,
+    to: str = "tlora",
+    overwrite: bool = False,
     **options: Any,
 ) -> Path:
-    """Convert any supported T-LoRA file to our format (``save_tlora``, written atomically).
+    """Convert any supported T-LoRA file to ``to`` (written atomically; an existing ``dst`` needs ``overwrite``).
 
-    ``dst`` is a folder (``pytorch_lora_weights.safetensors`` inside) or a ``.safetensors``
-    path. LyCORIS files need ``denoiser`` (the base model, a pipeline or its denoiser):
-    their frozen base is rebuilt from its weights. Files without a schedule need ``cfg`` or
-    the format's ``min_rank=`` / ``alpha=`` options. The result loads with stock
-    ``pipe.load_lora_weights(dst)`` and gives outputs identical to ``load_tlora(pipe, src)``.
+    ``to``: ``"tlora"`` (our self-describing format: stock ``pipe.load_lora_weights(dst)`` loads it and
+    ``TLoRAPatch(pipe)`` masks it with no arguments), ``"kohya"`` (``lora_unet_*`` keys, ``.alpha``
+    tensors, the schedule as ``tlora_config`` and its ``ss_tlora_*`` mirror), ``"comfyui-tlora"`` (the
+    attention-processor layout the ComfyUI-T-LoRA node masks; other targets are named in a warning) or
+    ``"static"`` (a plain, unmasked LoRA). ``dst`` is a folder or a ``.safetensors`` path. LyCORIS files
+    need ``denoiser`` (the base model, a pipeline or its denoiser): their frozen base is rebuilt from its
+    weights. Files without a schedule need ``cfg`` or the format's ``min_rank=`` / ``alpha=`` options.
 
     Example:
         >>> convert_tlora("simpletuner-out/", "converted/", denoiser=pipe)
         PosixPath('converted/pytorch_lora_weights.safetensors')
+        >>> convert_tlora("out/", "sks-dog-kohya.safetensors", to="kohya")
+        PosixPath('sks-dog-kohya.safetensors')
     """
+    from .export import export_converted
+
     src = resolve_path(src)
+    target = output_path(dst, to)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists; pass overwrite=True (--overwrite) to replace it")
     model = denoiser_of(denoiser) if denoiser is not None else None
     converted = read_tlora(src, model, cfg, **options)
     if model is not None:
         check_modules(model, converted.state_dict, src)
-    return write_converted(converted, dst)
+    exported = export_converted(converted, target, to)
+    if exported.dropped:
+        import warnings
+
+        warnings.warn(next(n for n in exported.notes if "left out" in n), UserWarning, stacklevel=2)
+    return exported.path
+
+
+def output_path(dst: Union[str, Path], to: str = "tlora") -> Path:
+    """Where a conversion writes: ``dst`` if it ends in ``.safetensors``, else a file in the folder ``dst``
+    (which must not be a file: ``x.txt`` is refused, not made a folder)."""
+    from .format import WEIGHT_NAME
+
+    dst = Path(dst)
+    if dst.suffix == ".safetensors":
+        return dst
+    if dst.is_file():
+        raise ValueError(f"{dst}: an existing file that is not .safetensors; name the output file.safetensors or a "
+                         "folder")
+    if dst.suffix and not dst.is_dir():
+        raise ValueError(f"{dst}: not a .safetensors path, and a new folder named like a file ({dst.suffix}) is "
+                         "most likely a typo; name the output file.safetensors, or create the folder first")
+    return dst / (WEIGHT_NAME if to == "tlora" else f"tlora-{to}.safetensors")
 
 
 def write_converted(converted: ConvertedTLoRA, dst: Union[str, Path]) -> Path:

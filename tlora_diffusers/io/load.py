@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 
 from ..config import TLoRAConfig
-from .format import COMPONENT_PREFIXES, WEIGHT_NAME, TLoRAFileMetadata, peft_metadata, read_safetensors_metadata
+from .format import (COMPONENT_PREFIXES, TLORA_METADATA_KEY, WEIGHT_NAME, TLoRAFileMetadata, peft_metadata,
+                     read_safetensors_metadata)
 from ._offload import offloading_disabled
 from .formats import ConvertedTLoRA, detect_format
 
-__all__ = ["LoadedTLoRA", "read_tlora", "load_tlora", "load_converted", "resolve_path", "read_tensors", "denoiser_of", "check_modules",
-           "same_schedule"]
+__all__ = ["LoadedTLoRA", "read_tlora", "load_tlora", "load_converted", "resolve_path", "read_tensors", "denoiser_of",
+           "check_modules", "same_schedule", "read_schedule"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,25 @@ def resolve_path(path: Union[str, Path]) -> Path:
         for name in (WEIGHT_NAME, "lora.pt", "pytorch_lora_weights.bin"):
             if (path / name).is_file():
                 return path / name
+        if _is_training_checkpoint(path):
+            raise ValueError(f"{path}: a training checkpoint without T-LoRA weights (written before tlora_diffusers "
+                             "0.3); continue it with `tlora-diffusers train --resume`, or load the finished run's "
+                             f"folder ({path.parent})")
         raise FileNotFoundError(f"{path}: no {WEIGHT_NAME} or lora.pt in this folder")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.name in _CHECKPOINT_FILES and _is_training_checkpoint(path.parent):
+        raise ValueError(f"{path}: training state of a tlora_diffusers checkpoint (for --resume), not a T-LoRA; "
+                         f"the checkpoint's T-LoRA is {path.parent / WEIGHT_NAME}: pass the folder {path.parent}")
     return path
+
+
+#: What :func:`tlora_diffusers.training.checkpoint.save_checkpoint` writes besides the T-LoRA.
+_CHECKPOINT_FILES = ("params.safetensors", "optimizer.safetensors", "rng.safetensors", "grads.safetensors")
+
+
+def _is_training_checkpoint(folder: Path) -> bool:
+    return (folder / "state.json").is_file() and (folder / "params.safetensors").is_file()
 
 
 _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
@@ -263,3 +279,28 @@ def _file_component(tensors: dict[str, torch.Tensor]) -> Optional[str]:
     return head if head in COMPONENT_PREFIXES else None
 
 
+def read_schedule(path: Union[str, Path]) -> Optional[TLoRAConfig]:
+    """The T-LoRA schedule a safetensors file's metadata declares (ours, the sd-scripts fork's ``ss_tlora_*``,
+    Fizgig's ``ss_adapter``), or ``None`` for a file that declares none.
+
+    For the stock path: ``pipe.load_lora_weights(path); TLoRAPatch(pipe, read_schedule(path))``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    path = resolve_path(path)
+    metadata = read_safetensors_metadata(path)
+    if TLORA_METADATA_KEY in metadata:
+        return TLoRAFileMetadata.from_json(metadata[TLORA_METADATA_KEY], where=str(path)).config
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        rank = None
+        for key in keys:
+            if key.endswith(("lora_down.weight", "lora_A.weight", "q_layer.weight")):
+                rank = f.get_slice(key).get_shape()[0]
+                break
+    if rank is None:
+        return None
+    from .kohya import kohya_schedule
+
+    return kohya_schedule(metadata, rank, path)[0]

@@ -78,8 +78,12 @@ def _tlora_from_lycoris(data: dict[str, Any], rank: int, path: Path, source: str
 
 
 def _is_lycoris_tlora(keys: list[str], metadata: dict[str, str]) -> bool:
-    """Any ``<name>.lambda_layer`` whose name has no dot (the paper's keys have dotted paths)."""
-    return any(k.endswith(".lambda_layer") and "." not in k[: -len(".lambda_layer")] for k in keys)
+    """Any ``<name>.lambda_layer`` whose name has no dot (the paper's keys have dotted paths), and no
+    frozen ``.base_lambda_buf`` nor the sd-scripts fork's ``ss_network_module`` (the fork stores its
+    base; its format is ``kohya``)."""
+    return (any(k.endswith(".lambda_layer") and "." not in k[: -len(".lambda_layer")] for k in keys)
+            and not any(k.endswith(".base_lambda_buf") for k in keys)
+            and not metadata.get("ss_network_module", "").startswith("networks.lora_tlora"))
 
 
 def _group_modules(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -32,7 +32,7 @@ import torch.nn as nn
 from ..config import TLoRAConfig
 from ..ortho import paired_lora_factors
 from .common import NeedsInputError, check_denoiser, default_lora_config, schedule_config
-from .format import TLoRAFileMetadata
+from .format import TLORA_METADATA_KEY, TLoRAFileMetadata
 from .formats import ConvertedTLoRA, TLoRAFormat
 
 __all__ = ["FORMAT", "PAPER_KEY", "PROJECTIONS"]
@@ -44,9 +44,9 @@ PROJECTIONS = {
     "to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
     "to_q_proj": "add_q_proj", "to_k_proj": "add_k_proj", "to_v_proj": "add_v_proj",
 }
-#: One key of a paper checkpoint (an optional ``unet.`` prefix, as the ComfyUI-T-LoRA loader allows).
+#: One key of a paper checkpoint (an optional ``unet.``/``transformer.`` prefix, as the ComfyUI-T-LoRA loader allows).
 PAPER_KEY = re.compile(
-    r"^(?:unet\.)?(?P<attn>.+)\.processor\.(?P<proj>to_(?:q|k|v|out|q_proj|k_proj|v_proj))_lora\."
+    r"^(?:unet\.|transformer\.)?(?P<attn>.+)\.processor\.(?P<proj>to_(?:q|k|v|out|q_proj|k_proj|v_proj))_lora\."
     r"(?P<param>" + "|".join(re.escape(p) for p in _VANILLA + _ORTHO) + r")$"
 )
 _SINGLE_BLOCK = re.compile(r"(?:^|\.)single_transformer_blocks\.\d+\.attn$")
@@ -153,6 +153,9 @@ def _convert_paper(
         )
     component = "unet" if any(t.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for t in targets) else "transformer"
     schedule = schedule_config(path, rank, layout, cfg, min_rank, alpha)
+    if schedule is None and TLORA_METADATA_KEY in metadata:  # our comfyui-tlora export carries its schedule
+        filed = TLoRAFileMetadata.from_json(metadata[TLORA_METADATA_KEY], where=str(path)).config
+        schedule = TLoRAConfig(filed.max_rank, filed.min_rank, filed.alpha, layout=layout)
     if schedule is None:
         layout_arg = f", layout={layout!r}" if layout != "plain" else ""
         raise NeedsInputError(

@@ -277,12 +277,6 @@ def resolve(raw: torch.Tensor, guess: ConventionGuess, module: nn.Module, T: int
         return CallTimesteps(t.reshape(-1)[0] if uniform else t, uniform)
     loop_t, clock = loop
     host = raw.device.type == "cpu" or run_uniform is None
-    if host and guess.settled is not None and not bool(raw.any()):
-        # A call at t = 0 outside the loop's timesteps: the model sees clean tokens (AnyFlow FAR fills
-        # its KV cache between chunks). Under a settled convention that is t = 0: every rank.
-        zero = guess.settled(raw, module, T)
-        if bool((zero == 0).all()):
-            return CallTimesteps(zero.reshape(-1)[0], True)
     observed = loop_t is None
     if loop_t is None:  # no clock reading: the call's noisiest element names the loop's timestep among the candidates
         candidates = clock.candidates()

@@ -355,9 +355,10 @@ def train(cfg: TrainConfig, pipe: Any = None) -> TrainResult:
         def checkpoint(step: int) -> None:
             if accelerator.is_main_process:
                 pending = step % cfg.gradient_accumulation_steps != 0  # mid-accumulation: keep the summed grads
-                save_checkpoint(out, step, params, optimizer, gen,
-                                {"losses": state["losses"], "probe_loss_start": probe_start}, cfg.keep_checkpoints,
-                                grads=pending)
+                saved = save_checkpoint(out, step, params, optimizer, gen,
+                                        {"losses": state["losses"], "probe_loss_start": probe_start},
+                                        cfg.keep_checkpoints, grads=pending)
+                _save(saved, denoiser, cfg, targets, recipe.component)  # loadable as a T-LoRA, as in diffusers' scripts
             accelerator.wait_for_everyone()
 
         validation: list[Path] = []
