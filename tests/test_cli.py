@@ -340,3 +340,26 @@ def test_inspect_and_convert_our_format(capsys, files, tmp_path):
     code, out, _ = cli(capsys, "convert", files.tlora, tmp_path / "d.safetensors", "--alpha", 2)  # an override
     assert code == 0 and load_tlora(tiny_pipeline("sdxl"), tmp_path / "d.safetensors").config == TLoRAConfig(8, 1, 2.0)
     assert_one_line_error(*cli(capsys, "inspect", files.root / "missing.safetensors")[::2], "no such file")
+
+
+def test_convert_to_other_tools_and_generate_from_the_kohya_file(capsys, files, tmp_path):
+    kohya = tmp_path / "k.safetensors"
+    code, out, _ = cli(capsys, "convert", files.tlora, kohya, "--to", "kohya")
+    assert code == 0 and out.startswith(f"wrote {kohya} (kohya)")
+    code, out, _ = cli(capsys, "inspect", kohya, "--json", "--model", files.model)
+    report = json.loads(out)
+    assert code == 0 and report["format"] == "kohya" and TLoRAConfig.from_dict(report["config"]) == CFG
+    masked = {}
+    for name, lora in (("ours", files.tlora), ("kohya", kohya)):
+        argv = ["generate", "--model", files.model, "--lora", lora, "--steps", 2, "--out", tmp_path / name,
+                "--prompt", PROMPT, "--seed", 1, "-q"]
+        assert cli(capsys, *argv)[0] == 0
+        masked[name] = pixels(tmp_path / name / "00000-seed1.png")
+    assert np.abs(masked["ours"] - masked["kohya"]).max() <= 1
+    code, out, _ = cli(capsys, "convert", files.tlora, tmp_path / "c.safetensors", "--to", "comfyui-tlora")
+    assert code == 0 and "node settings: max_rank 8, min_rank 1, alpha 1, max_timestep 0 (automatic: 1000" in out
+    code, out, _ = cli(capsys, "convert", files.tlora, tmp_path / "s.safetensors", "--to", "static")
+    assert code == 0 and "unmasked: every rank at every step" in out
+    assert_one_line_error(*cli(capsys, "convert", files.tlora, kohya, "--to", "kohya")[::2],
+                          "k.safetensors: already exists; pass --overwrite")
+    assert cli(capsys, "convert", files.tlora, kohya, "--to", "kohya", "--overwrite")[0] == 0

@@ -407,3 +407,50 @@ def test_comfyui_tlora_export_computes_in_the_node_what_tlora_diffusers_computes
     assert len(node_deltas(exported, flux, max_timestep, cfg)) == len(
         [n for n, _ in getattr(pipe, attr).named_modules() if n.endswith(targets)])  # every target reaches the node
     torch.testing.assert_close(masked_output(case_name, src), expected, rtol=0, atol=1e-4)
+
+
+def anima_name(path):
+    """Anima's diffusers path -> the fork's kohya name on the native module (lora_tlora_anima.py:541-542 at
+    orangemagic123/sd-scripts@e80717d; the inverse of diffusers' _convert_non_diffusers_anima_lora_to_diffusers)."""
+    import re
+
+    m = re.match(r"transformer_blocks\.(\d+)\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)$", path)
+    if m:
+        proj = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "output_proj"}[m[3]]
+        return f"lora_unet_blocks_{m[1]}_{'self_attn' if m[2] == 'attn1' else 'cross_attn'}_{proj}"
+    m = re.match(r"transformer_blocks\.(\d+)\.ff\.net\.(0\.proj|2)$", path)
+    if m:
+        return f"lora_unet_blocks_{m[1]}_mlp_{'layer1' if m[2] == '0.proj' else 'layer2'}"
+    return None
+
+
+@torch.no_grad()
+def test_sd_scripts_fork_anima_tlora_loads_with_its_flow_time_schedule(tmp_path):
+    """The fork's Anima network masks by σ in [0, 1] with T = ss_tlora_max_timestep = 1.0 (lora_tlora_anima.py:
+    636-681): r = int(((1 − σ) / 1) ** a · (R − m)) + m, the same ranks as the loop's t = 1000·σ with T = 1000.
+    (The fork itself samples these files at full rank, :655-658; a T-LoRA runs with the mask it was trained with.)"""
+    case = CASES["anima"]
+    pipe = case.build(0)
+    modules = dict(pipe.transformer.named_modules())
+    sd, deltas, alpha = {}, {}, 2.0
+    for i, path in enumerate(sorted(p for p in modules if anima_name(p))):
+        m = modules[path]
+        down, up = random_tensors(200 + i, [(R, m.in_features), (m.out_features, R)])
+        key = anima_name(path)
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"] = down, up, torch.tensor(alpha)
+
+        def add(x, t, down=down, up=up):  # the fork's vanilla forward (:109-173): slices [:r] at σ = t / 1000
+            sigma = t / 1000.0
+            r = max(MIN, min(int(((1.0 - sigma) / 1.0) ** EXP * (R - MIN)) + MIN, R))
+            return ((x.double() @ down[:r].double().T) @ up[:, :r].double().T) * alpha / R
+        deltas[path] = add
+    assert len(deltas) >= 10
+    file = tmp_path / "anima_tlora.safetensors"
+    save_file(sd, str(file), metadata={**FORK_META, "ss_network_module": "networks.lora_tlora_anima",
+                                       "ss_tlora_max_timestep": "1.0", "ss_base_model_version": "anima"})
+    expected = hooked_reference(pipe, "transformer", deltas, lambda: output(pipe(**case.inputs(pipe, 0))))
+    info = load_tlora(pipe, file)
+    assert info.config == TLoRAConfig(R, MIN, EXP) and info.meta.source_format == "sd-scripts-tlora"
+    with TLoRAPatch(pipe):
+        got = output(pipe(**case.inputs(pipe, 0)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -136,6 +136,10 @@ def workspace(tmp_path_factory):
                                  ("low-noise-tlora", WAN_LOW, wan.transformer_2, 5)):
         _lora(den, ["to_q", "to_k", "to_v", "to_out.0"], 8, seed)
         _save_lora(den, ws / name, cfg, component="transformer")
+    # sdscripts_tlora.safetensors: a kohya-side T-LoRA with the sd-scripts fork's metadata (read in test_interop)
+    from tlora_diffusers import convert_tlora
+
+    convert_tlora(ws / "subject", ws / "sdscripts_tlora.safetensors", to="kohya")
     # simpletuner-out/: a LyCORIS tlora file as SimpleTuner saves it, its LyCORIS config beside it.
     (ws / "simpletuner-out").mkdir()
     (ws / "config").mkdir()
@@ -223,3 +227,29 @@ def test_supported_models_table_is_the_generated_one():
 
     assert readme_with_table(README, supported_models_markdown()) == README, (
         "README.md's supported-models table is stale: python -m tlora_diffusers.models.docs --readme README.md")
+
+
+def test_shown_convert_output_is_what_convert_prints(tmp_path, capsys):
+    from tlora_diffusers.cli.main import main
+
+    block = next(c for _, c in blocks("console") if "--to comfyui-tlora" in c)
+    command, *shown = block.splitlines()
+    argv = shlex.split(command[2:])[1:]
+    argv[2] = str(tmp_path / argv[2])
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.replace(str(tmp_path) + "/", "").splitlines()
+    for line in shown:
+        assert line in printed, f"README shows {line!r}; convert printed:\n{printed}"
+
+
+def _table_keys(heading):
+    table = README.split(heading, 1)[1].split("\n\n", 1)[0]  # from the header line to the blank line after
+    return [row.split("`")[1] for row in table.splitlines()[2:]]
+
+
+def test_the_documented_schedule_metadata_is_what_files_carry():
+    from tlora_diffusers.metadata import TLoRAFileMetadata, ss_mirror
+
+    meta = TLoRAFileMetadata(TLoRAConfig(8, 1), target_modules=("to_q",))
+    assert sorted(_table_keys("| `tlora_config` key |")) == sorted(json.loads(meta.to_json()))
+    assert sorted(_table_keys("| kohya key |")) == sorted(ss_mirror(meta))

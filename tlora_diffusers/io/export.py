@@ -145,7 +145,7 @@ def _write_comfyui(converted: ConvertedTLoRA, dst: Path) -> Exported:
     path = atomic_save_safetensors(tensors, dst, _base_metadata(converted))
     notes = [node_settings(converted)]
     if dropped:
-        kinds = sorted({re.sub(r"^.*\bblocks\.\d+\.", "", d) for d in dropped})
+        kinds = sorted({re.sub(r"^.*blocks\.\d+\.", "", d) for d in dropped})
         notes.append(f"ComfyUI-T-LoRA masks attention projections only: {len(dropped)} target(s) left out of "
                      f"{path.name} (their LoRA does not run there): {', '.join(kinds)} (e.g. {dropped[0]})")
     return Exported(path, "comfyui-tlora", tuple(notes), dropped=tuple(dropped))
