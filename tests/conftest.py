@@ -4,6 +4,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TLORA_THREADS", "1")  # the CLI and app choose threads from it (tlora_diffusers.threads)
 
 import pytest
 import torch

@@ -146,3 +146,18 @@ def test_the_page_serves_generate_over_http(app, lora_file, monkeypatch, tmp_pat
         assert model == app.SCENES_MODEL and Path(example).name == app.EXAMPLE_TLORA.name and "sks shape" in prompt
     finally:
         demo.close()
+
+
+def test_errors_on_the_page_name_the_uploaded_file_not_gradios_temporary_path(app, tmp_path):
+    upload = "/tmp/gradio/0123456789abcdef0123456789abcdef/my_tlora.safetensors"
+    error = ValueError(f"{upload}: unknown T-LoRA key layout\n  (e.g. x)")
+    assert app.user_message(error, upload) == "my_tlora.safetensors: unknown T-LoRA key layout (e.g. x)"
+    other = ValueError("/tmp/gradio/fedcba9876543210fedcba98/x.png: not a T-LoRA file (a PNG image)")
+    assert app.user_message(other) == "x.png: not a T-LoRA file (a PNG image)"
+
+
+def test_the_app_sends_no_analytics_and_chooses_its_threads(app):
+    import os
+
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"  # set before gradio is imported
+    assert app.THREADS == int(os.environ.get("TLORA_THREADS", "1")) == torch.get_num_threads()

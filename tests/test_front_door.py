@@ -172,3 +172,152 @@ def test_app_errors_name_the_model_folder(monkeypatch):
     spec.loader.exec_module(app)
     with pytest.raises(ValueError, match="model folder /nonexistent: no such folder"):
         app.get_pipeline("/nonexistent")
+
+
+def test_space_requirements_pin_versions_the_package_accepts():
+    """requirements-space.txt pins every requirement of setup.cfg (and gradio, the app's) to a version
+    inside setup.cfg's range, and takes torch from the CPU index."""
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    wanted = [Requirement(line) for line in cfg["options"]["install_requires"].strip().splitlines()]
+    wanted += [Requirement(line) for line in cfg["options.extras_require"]["test"].strip().splitlines()
+               if line.startswith("gradio")]
+    lines = [ln.strip() for ln in (ROOT / "requirements-space.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "--extra-index-url https://download.pytorch.org/whl/cpu"
+    pins = {}
+    for line in lines[1:]:
+        req = Requirement(line)
+        (spec,) = req.specifier
+        assert spec.operator == "==", f"requirements-space.txt: {line} is not a pin"
+        pins[req.name.lower().replace("_", "-")] = spec.version
+    for req in wanted:
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"requirements-space.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req}"
+
+
+@pytest.mark.parametrize("cpus, load, env, flag, expected", [
+    (2, 0.0, None, None, 2),     # an idle 2-core machine: both cores
+    (2, 1.1, None, None, 1),     # one core kept busy by another process: one thread, not two spinning
+    (2, 3.5, None, None, 1),     # busier than the machine: still one
+    (16, 5.6, None, None, 10),   # CPUs minus the busy ones, rounded
+    (2, 1.1, "2", None, 2),      # TLORA_THREADS wins over the load
+    (2, 0.0, "1", "3", 3),       # --threads wins over TLORA_THREADS
+    (2, 0.0, "auto", None, 2),
+])
+def test_threads_fit_the_machine(monkeypatch, cpus, load, env, flag, expected):
+    from tlora_diffusers import threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(threads, "busy_cpus", lambda: load)
+    if env is None:
+        monkeypatch.delenv("TLORA_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TLORA_THREADS", env)
+    assert threads.choose_threads(flag) == expected
+
+
+def test_bad_thread_counts_are_refused_in_the_flag_and_the_environment(capsys, monkeypatch):
+    code, _, err = (lambda c: (c, *capsys.readouterr()))(main(["generate", "--threads", "0"]))
+    assert code == 2 and "--threads" in err and "whole number >= 1 or 'auto', got 0" in err
+    from tlora_diffusers.threads import choose_threads
+
+    monkeypatch.setenv("TLORA_THREADS", "many")
+    with pytest.raises(ValueError, match=r"threads must be a whole number >= 1 or 'auto', got 'many'"):
+        choose_threads()
+
+
+def one_line(capsys, argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("tlora-diffusers: error: "), err
+    return err
+
+
+def test_a_lora_argument_is_a_local_path_or_an_explicit_hub_file(capsys, work, tmp_path, monkeypatch):
+    from tlora_diffusers.cli import generate
+
+    def no_pipeline(*a, **k):
+        raise AssertionError("the pipeline was loaded before --lora was checked")
+
+    monkeypatch.setattr(generate, "load_pipeline", no_pipeline)
+    err = one_line(capsys, ["generate", "--model", "scenes", "--lora", "someone/their-lora", "--prompt", "x",
+                            "--out", tmp_path])
+    assert "--lora someone/their-lora: no such file or folder (a Hub repo is written hf://user/repo" in err
+    err = one_line(capsys, ["generate", "--model", "scenes", "--lora", "hf://only-a-user", "--prompt", "x"])
+    assert "a Hub file is written hf://user/repo or hf://user/repo/file.safetensors" in err
+
+
+def test_the_shipped_weights_folder_points_to_its_pipeline(capsys):
+    from tlora_diffusers.scenes import PIPELINE, WEIGHTS
+
+    err = one_line(capsys, ["inspect", "scenes-example", "--model", WEIGHTS])
+    assert f"not a diffusers pipeline folder (no model_index.json in it); did you mean {PIPELINE}?" in err
+
+
+def test_the_aliases_run_what_ships(capsys, tmp_path):
+    code = main(["generate", "--model", "scenes", "--lora", "scenes-example", "--prompt", "a sks shape", "--steps", "2",
+                 "--out", str(tmp_path), "-q"])
+    assert code == 0 and (tmp_path / "00000-seed0.png").is_file()
+    with Image.open(tmp_path / "00000-seed0.png") as im:
+        assert im.size == (32, 32)  # the model's own resolution
+
+
+@pytest.mark.parametrize("argv", [
+    ["schedule", "--max-rank", "4", "--plot", "/nonexistent/dir/x.png"],
+    ["convert", "scenes-example", "/proc/x.safetensors"],
+])
+def test_os_errors_are_one_readable_line(capsys, argv):
+    err = one_line(capsys, argv)
+    assert "[Errno" not in err and ("no such file or directory" in err.lower() or "ermission" in err or "ead-only" in err
+                                    or "not writable" in err), err
+
+
+def test_weights_are_readable_by_others_like_any_file(tmp_path):
+    from tlora_diffusers import convert_tlora
+
+    out = convert_tlora(_example(), tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+
+
+def _example():
+    from tlora_diffusers.scenes import EXAMPLE_TLORA
+
+    return EXAMPLE_TLORA
+
+
+def test_train_takes_the_models_resolution_and_resume_needs_only_the_folder(capsys, tmp_path):
+    image = tmp_path / "concept.png"
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(image)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "scenes", "--images", image, "--prompt", "a sks shape", "--steps", 2, "--rank", 4,
+            "--out", out, "-q"]
+    assert main([str(a) for a in argv]) == 0
+    run = json.loads((out / "tlora_train.json").read_text())
+    assert run["config"]["resolution"] == 32 and run["steps"] == 2  # 16 latents x 2 (the VAE), not 512
+    assert main(["train", "--out", str(out), "--resume", "--steps", "3", "-q"]) == 0  # every other setting: the run's
+    run = json.loads((out / "tlora_train.json").read_text())
+    assert run["steps"] == 3 and run["config"]["rank"] == 4 and len(run["losses"]) == 3
+    err = one_line(capsys, ["train", "--out", tmp_path / "none", "--resume"])
+    assert "--resume:" in err and "holds no run to resume" in err
+    assert not (tmp_path / "none").exists()  # a refused run leaves no folder behind
+
+
+def test_the_progress_bar_says_which_it_trains(tmp_path, capsys):
+    from tlora_diffusers.scenes import PIPELINE
+    from tlora_diffusers.training import TrainConfig, train
+
+    image = tmp_path / "c.png"
+    Image.new("RGB", (32, 32), (40, 40, 200)).save(image)
+    for rank, min_rank, label in ((4, 4, "training LoRA"), (4, 1, "training T-LoRA")):
+        train(TrainConfig(model=str(PIPELINE), images=str(image), prompt="a sks shape", output_dir=str(tmp_path / label),
+                          steps=1, rank=rank, min_rank=min_rank, progress=True))
+        err = capsys.readouterr().err
+        assert label + ":" in err and ("training T-LoRA" in err) == (label == "training T-LoRA")

@@ -66,7 +66,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise OSError(e.errno, f"{path}: cannot write there ({e.strerror})") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None  # "[Errno 2] No such file or directory: 'path'"
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
