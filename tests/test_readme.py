@@ -253,3 +253,24 @@ def test_the_documented_schedule_metadata_is_what_files_carry():
     meta = TLoRAFileMetadata(TLoRAConfig(8, 1), target_modules=("to_q",))
     assert sorted(_table_keys("| `tlora_config` key |")) == sorted(json.loads(meta.to_json()))
     assert sorted(_table_keys("| kohya key |")) == sorted(ss_mirror(meta))
+
+
+def test_every_test_the_guarantees_table_names_exists():
+    section = README.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    named = 0
+    for row in section.splitlines():
+        if not row.startswith("| ") or row.startswith("| promise"):
+            continue
+        current = None
+        for ref in re.findall(r"`([^`]+)`", row.rsplit(" | ", 1)[1]):
+            file, _, name = ref.partition("::")
+            if file.endswith(".py"):
+                current = ROOT / "tests" / file
+                assert current.is_file(), f"Guarantees names {file}, which does not exist"
+            if name:
+                assert current is not None, ref
+                name = name.split("[")[0]
+                pattern = re.escape(name).replace(r"\*", r"\w*")
+                assert re.search(rf"^def {pattern}\(", current.read_text(), flags=re.M), f"{current.name}::{name} is gone"
+                named += 1
+    assert named >= 30
