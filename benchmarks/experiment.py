@@ -439,6 +439,105 @@ def write_results(out: Path, name: str, rows: list[dict], commands: list[str], c
     return result
 
 
+def combine(out: Path, sources: list[Path], command: str) -> dict:
+    """Write the results from the rows of several runs' folders (phases run with different ``--out``), no training.
+
+    Rows are deduplicated by their job key; the commands are the runs' own, then ``command``.
+    """
+    rows, seen, commands = [], set(), []
+    for src in sources:
+        work = src / "experiment-work"
+        for row in read_rows(work):
+            if row["key"] not in seen:
+                seen.add(row["key"])
+                rows.append(row)
+        meta = work / "commands.json"
+        commands += [c for c in (json.loads(meta.read_text()) if meta.exists() else []) if c not in commands]
+    if not rows:
+        raise SystemExit(f"--combine: no rows in {', '.join(str(s) for s in sources)}")
+    grid = [r for r in rows if not r.get("sweep")]
+    checkpoints = sorted({c["step"] for r in grid for c in r["curve"]})
+    samples = rows[0]["samples"]
+    from tlora_diffusers.scenes.evaluate import concept_scene, customization_prompts
+
+    items = len(customization_prompts(concept_scene(0), samples))
+    out.mkdir(parents=True, exist_ok=True)
+    return write_results(out, "tlora_effect", rows, commands + [command], checkpoints, samples, items)
+
+
+# -- the README's section ------------------------------------------------------------------------------
+
+README_BEGIN, README_END = "<!-- begin experiment-tables -->", "<!-- end experiment-tables -->"
+_MAIN = ("lora", "tlora_min1", "tlora_half", "ortho_min1", "ortho_half")
+
+
+def _cell(s: Optional[dict], digits: int = 3) -> str:
+    if not s or s["mean"] != s["mean"]:
+        return "–"
+    f = f"{{:+.{digits}f}}"
+    text = f"{f.format(s['mean'])} [{f.format(s['ci95'][0])}, {f.format(s['ci95'][1])}]".replace("-", "−")
+    excludes_zero = s["ci95"][0] > 0 or s["ci95"][1] < 0
+    return f"**{text}**" if excludes_zero else text
+
+
+def readme_tables(result: dict) -> str:
+    """The tables of the README's "Does it work?", from a result (the committed JSON); a test keeps them equal."""
+    s = result["summary"]
+    ranks = sorted({int(k.split("/r")[1]) for k in s["table"]})
+    head = "| | " + " | ".join(f"rank {r}" for r in ranks) + " |\n|---|" + "---:|" * len(ranks)
+    configs = [c for c in _MAIN if any(f"{c}/r{r}" in s["table"] for r in ranks)]
+    seeds = {c: sorted({s["table"][f"{c}/r{r}"]["seeds"] for r in ranks if f"{c}/r{r}" in s["table"]}) for c in configs}
+    last = result["checkpoints"][-1]
+    out = [f"Final checkpoint ({last} steps), mean over seeds, IS / TS (the same T-LoRA file unmasked):", "", head]
+    for c in configs:
+        cells = []
+        for r in ranks:
+            t = s["table"].get(f"{c}/r{r}")
+            u = t.get("unmasked") if t else None
+            cells.append("–" if not t else f"{t['IS']:.3f} / {t['TS']:.3f}" + (f" ({u['IS']:.3f} / {u['TS']:.3f})" if u else ""))
+        n = "/".join(map(str, seeds[c]))
+        out.append(f"| {LABELS[c]} ({n} seeds) | " + " | ".join(cells) + " |")
+    out += ["", "**T-LoRA − LoRA at matched IS** (along each run's checkpoints, paired by seed; bold: the 95 % "
+                "interval excludes 0; (k/n): seeds whose IS ranges overlap, the others read where the lower curve ends):",
+            "", head.replace("| |", "| ΔTS at matched IS |", 1)]
+    for c in configs[1:]:
+        cells = []
+        for r in ranks:
+            p = s["matched_vs_lora"].get(f"{c}/r{r}/TS")
+            cells.append(f"{_cell(p)} ({p['matched_seeds']}/{p['n']})" if p else "–")
+        out.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
+    out += ["", "**The mask at inference**: the same files sampled with the same seeds with `TLoRAPatch` and "
+                "without it (every rank at every step), masked − unmasked, per seed the mean over checkpoints; "
+                "(k/n): (seed, checkpoint) pairs in which the unmasked sample has the lower IS:", "",
+            head.replace("| |", "| masked − unmasked |", 1)]
+    for c in configs[1:]:
+        for k in ("IS", "TS", "saturation"):
+            cells = []
+            for r in ranks:
+                ab = s["mask_ab"].get(f"{c}/r{r}")
+                extra = (f" ({ab['pairs_IS_lower_unmasked'][0]}/{ab['pairs_IS_lower_unmasked'][1]})"
+                         if ab and k == "IS" else "")
+                cells.append(_cell(ab[k]) + extra if ab else "–")
+            out.append(f"| {LABELS[c]}, Δ{k} | " + " | ".join(cells) + " |")
+    first = result["checkpoints"][0]
+    out += ["", f"**Along training** ({last} − {first} steps, masked, paired by seed):", "",
+            head.replace("| |", "| last − first |", 1)]
+    for c in configs:
+        for k in ("IS", "TS"):
+            cells = [_cell(s["along"].get(f"{c}/r{r}", {}).get("first_to_last", {}).get(k)) for r in ranks]
+            out.append(f"| {LABELS[c]}, Δ{k} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def readme_with_tables(text: str, tables: str) -> str:
+    import re
+
+    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"README has no {README_BEGIN} ... {README_END} block")
+    return pattern.sub(lambda _: f"{README_BEGIN}\n{tables}\n{README_END}", text)
+
+
 def rerender(path: Path) -> dict:
     """Recompute the summary, markdown and plot of a committed result from its rows (no training)."""
     result = json.loads(path.read_text())
@@ -463,7 +562,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--workers", type=int, default=1, help="processes running jobs in parallel, one torch thread each")
     p.add_argument("--out", default=str(REPO / "bench-out"))
     p.add_argument("--weights", default=None, help="a scenes weights folder (default: the shipped one)")
+    p.add_argument("--combine", default=None, metavar="DIR,DIR,...",
+                   help="no training: write the results into --out from the rows of these runs' --out folders")
+    p.add_argument("--readme", default=None, metavar="README",
+                   help="no training: rewrite this README's experiment tables from <--out>/tlora_effect.json")
     args = p.parse_args(argv)
+    command = "python benchmarks/experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.combine:
+        result = combine(Path(args.out), [Path(d) for d in args.combine.split(",") if d], command)
+        print(render_markdown(result))
+        return result
+    if args.readme:
+        result = json.loads((Path(args.out) / "tlora_effect.json").read_text())
+        path = Path(args.readme)
+        path.write_text(readme_with_tables(path.read_text(), readme_tables(result)))
+        return result
     import torch
 
     torch.set_num_threads(1)
@@ -494,7 +607,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     work = out / "experiment-work"
     work.mkdir(parents=True, exist_ok=True)
     name = "tlora_effect-quick" if args.quick else "tlora_effect"
-    command = "python benchmarks/experiment.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta_path = work / "commands.json"
     commands = json.loads(meta_path.read_text()) if meta_path.exists() else []
     if command not in commands:

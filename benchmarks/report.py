@@ -41,8 +41,11 @@ def latency_table(result: dict, size: str = "mid") -> Optional[str]:
     models = list(dict.fromkeys(r["model"] for r in rows))
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cell = {(r["model"], r["variant"]): r["x_base_rounds"]["median"] for r in rows}
-    return _table([f"per call, × base ({size})", *models],
-                  [[f"`{v}`", *(cell.get((m, v)) for m in models)] for v in variants])
+    table = [[f"`{v}`", *(cell.get((m, v)) for m in models)] for v in variants]
+    direct = {r["model"]: r["x_peft_unfused_rounds"]["median"] for r in rows if r.get("x_peft_unfused_rounds")}
+    if direct:  # the ratio that matters: the same calls with and without the mask, round by round
+        table.append(["`tlora_mask` × `peft_unfused`", *(direct.get(m) for m in models)])
+    return _table([f"per call, × base ({size}; per-round medians)", *models], table)
 
 
 def readme_table(result: dict) -> str:

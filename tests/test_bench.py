@@ -110,3 +110,16 @@ def test_gpu_suite_logic_dry_run_on_the_cpu(tmp_path):
     assert row["model"] == "sdxl" and row["skipped"] == ["compiled"]
     for name in ("peft_unfused", "peft_fused", "tlora_mask", "lycoris_bypass"):
         assert row[name]["x_base"] > 0 and row[name]["n"] == 2, name
+
+
+def test_the_readme_front_door_table_is_the_committed_runs():
+    from benchmarks.front_door import readme_with_table, render_table
+
+    result = json.loads((ROOT / "benchmarks" / "results" / "front_door.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_table(readme, render_table(result)) == readme, (
+        "README's front-door table is stale: python benchmarks/front_door.py --render "
+        "benchmarks/results/front_door.json --readme README.md")
+    tasks = {(r["load"], r["task"], r["threads"]) for r in result["rows"]}
+    assert {("quiet", t, "auto") for t in ("generate", "train", "app", "demo")} <= tasks
+    assert {("busy", t, s) for t in ("generate", "train", "app") for s in ("auto", "per-core")} <= tasks

@@ -321,3 +321,18 @@ def test_the_progress_bar_says_which_it_trains(tmp_path, capsys):
                           steps=1, rank=rank, min_rank=min_rank, progress=True))
         err = capsys.readouterr().err
         assert label + ":" in err and ("training T-LoRA" in err) == (label == "training T-LoRA")
+
+
+def test_a_process_keeping_a_core_busy_is_measured_now():
+    """busy_cpus measures the present (a tenth of a second), so a busy loop started just now counts fully."""
+    import time
+
+    from tlora_diffusers.threads import busy_cpus
+
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cpus() >= 0.8
+    finally:
+        loop.kill()
+        loop.wait()

@@ -58,6 +58,7 @@ def run_demo(
     *,
     steps: int = 400,
     rank: int = 8,
+    min_rank: int = 1,
     learning_rate: float = 3e-3,
     seed: int = 0,
     samples: int = 2,
@@ -85,10 +86,13 @@ def run_demo(
     training_image = Image.fromarray(render(concept))
     training_image.save(image_path)
     trained = {}
-    for name, min_rank in (("lora", rank), ("tlora", max(1, rank // 2))):
+    if not 0 <= min_rank < rank:
+        raise ValueError(f"min_rank must be in [0, rank - 1] = [0, {rank - 1}] (min_rank = rank is the LoRA), "
+                         f"got {min_rank}")
+    for name, ranks_on in (("lora", rank), ("tlora", min_rank)):
         t_train = time.perf_counter()
-        result = _train(model, out / name, image_path, rank, min_rank, steps, learning_rate, seed, progress)
-        trained[name] = {"file": str(result.output_file), "min_rank": min_rank,
+        result = _train(model, out / name, image_path, rank, ranks_on, steps, learning_rate, seed, progress)
+        trained[name] = {"file": str(result.output_file), "min_rank": ranks_on,
                          "seconds": round(time.perf_counter() - t_train, 1)}
 
     pipe, evaluator = load_pipeline(model), load_evaluator(weights)
@@ -124,7 +128,7 @@ def run_demo(
     row_labels = [f"{label}\nIS {metrics[label]['IS']:.2f} TS {metrics[label]['TS']:.2f}" for label in rows]
     grid = labelled_grid(grid_rows, row_labels=row_labels, col_labels=["training image", *DEMO_PROMPTS],
                          min_cell=128, title=f"concept: {concept.colour} striped {concept.shape} (never seen by the "
-                                             f"base), rank {rank}, {steps} steps")
+                                             f"base), rank {rank}, T-LoRA min_rank {min_rank}, {steps} steps")
     grid_path = out / "grid.png"
     grid.save(grid_path)
     files = {"training_image": str(image_path), "grid": str(grid_path), "lora": trained["lora"]["file"],
@@ -136,7 +140,8 @@ def run_demo(
         "inspect": f"tlora-diffusers inspect {trained['tlora']['file']}",
     }
     summary = {
-        "output_dir": str(out), "concept": concept.__dict__, "rank": rank, "steps": steps, "learning_rate": learning_rate,
+        "output_dir": str(out), "concept": concept.__dict__, "rank": rank, "min_rank": min_rank, "steps": steps,
+        "learning_rate": learning_rate,
         "seed": seed, "prompts": list(DEMO_PROMPTS), "look_for": LOOK_FOR, "metric_meanings": METRICS,
         "metrics": metrics, "trained": trained, "files": files, "commands": commands,
         "sampling": {"steps": STEPS, "guidance": GUIDANCE, "seconds": round(sample_seconds, 1),

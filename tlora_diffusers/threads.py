@@ -3,7 +3,8 @@
 Torch starts one intra-op thread per core. When another process already keeps a core busy (a
 browser, a second job, a shared 2-vCPU Space), those threads spin against it and small models
 run 7-16x slower than with fewer threads. :func:`choose_threads` picks
-``CPUs available - CPUs busy`` (at least 1) from the scheduler's load average, unless told: the
+``CPUs available - CPUs busy`` (at least 1), the busy ones measured over a tenth of a second at
+start (:func:`busy_cpus`), unless told: the
 ``--threads`` flag of every command, or ``TLORA_THREADS`` in the environment (the Gradio app).
 """
 
@@ -34,8 +35,60 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def busy_cpus() -> float:
-    """CPUs other processes keep busy now: the 1-minute load average (0 where the OS has none)."""
+def _cgroup_usage() -> Optional[float]:
+    """CPU seconds used by this container (cgroup v2) when it has a CPU quota; ``None`` otherwise."""
+    try:
+        if open("/sys/fs/cgroup/cpu.max").read().split()[0] == "max":
+            return None
+        for line in open("/sys/fs/cgroup/cpu.stat"):
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cpu_jiffies(cpus: set[int]) -> Optional[tuple[int, int]]:
+    """(busy, total) jiffies of ``cpus`` from ``/proc/stat``; ``None`` off Linux."""
+    busy = total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *fields = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                    continue
+                values = [int(x) for x in fields[:8]]  # guest time is already counted in user
+                idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+                busy += sum(values) - idle
+                total += sum(values)
+    except (OSError, ValueError):
+        return None
+    return (busy, total) if total else None
+
+
+def busy_cpus(window: float = 0.1) -> float:
+    """CPUs other processes keep busy now, measured over ``window`` seconds while this process sleeps, so a
+    job that just ended does not count (as it would in the 1-minute load average): in a container with a
+    CPU quota, the container's own usage (cgroup v2); else the CPUs this process may run on (``/proc/stat``);
+    else the load average; 0 where the OS offers none of them."""
+    import time
+
+    used = _cgroup_usage()
+    if used is not None:
+        time.sleep(window)
+        after = _cgroup_usage()
+        if after is not None:
+            return max(0.0, (after - used) / window)
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = set(range(os.cpu_count() or 1))
+    before = _cpu_jiffies(cpus)
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_jiffies(cpus)
+        if after is not None and after[1] > before[1]:
+            return max(0.0, (after[0] - before[0]) / (after[1] - before[1]) * len(cpus))
     try:
         return max(0.0, os.getloadavg()[0])
     except (AttributeError, OSError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ._common import add_threads, positive_int, quiet_libraries, use_threads
+from ._common import CLIError, add_threads, non_negative_int, positive_int, quiet_libraries, use_threads
 from ._help import HelpFormatter
 
 __all__ = ["add_parser", "run"]
@@ -31,8 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
     )
     p.add_argument("--out", default="tlora-demo", metavar="DIR", help="output folder")
     p.add_argument("--train-steps", type=positive_int, default=400, metavar="N", help="training steps of each adapter")
-    p.add_argument("--rank", type=positive_int, default=8, metavar="R",
-                   help="rank of both adapters; the T-LoRA's min_rank is R // 2")
+    p.add_argument("--rank", type=positive_int, default=8, metavar="R", help="rank of both adapters")
+    p.add_argument("--min-rank", type=non_negative_int, default=1, metavar="M",
+                   help="the T-LoRA's ranks at the noisiest step (the library's default; the LoRA has all R)")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate of both adapters")
     p.add_argument("--seed", type=int, default=0, help="picks the concept and seeds training and sampling")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -43,13 +44,16 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
+    if args.min_rank >= args.rank:
+        raise CLIError(f"--min-rank must be below --rank={args.rank} (min_rank = rank is the LoRA the demo trains "
+                       f"beside it), got {args.min_rank}")
     use_threads(args)
     with quiet_libraries(args.verbose):
-        s = run_demo(args.out, steps=args.train_steps, rank=args.rank, learning_rate=args.lr, seed=args.seed,
-                     progress=not args.quiet)
+        s = run_demo(args.out, steps=args.train_steps, rank=args.rank, min_rank=args.min_rank, learning_rate=args.lr,
+                     seed=args.seed, progress=not args.quiet)
     c = s["concept"]
     print(f"concept: a {c['colour']} striped {c['shape']} (never seen by the base model), rank {s['rank']}, "
-          f"{s['steps']} steps each")
+          f"T-LoRA min_rank {s['min_rank']}, {s['steps']} steps each")
     print(f"{'':18} {'IS':>5} {'TS':>5} {'copy':>5}   IS: concept similarity, TS: prompt following, copy: kept the "
           "training context")
     for label, m in s["metrics"].items():
