@@ -124,7 +124,7 @@ def assert_one_line_error(code, err, fragment):
          "is not a torch device"),
         (["generate", "--model", "{model}", "--lora", "{tlora}", "--prompt", "x", "--width", 60, "--steps", 1],
          "divisible by 8"),  # the pipeline's own ValueError
-        (["convert", "{tlora}", "{tlora}/x/y.safetensors"], "y.safetensors: cannot write there (Not a directory)"),
+        (["convert", "{tlora}", "{tlora}/x/y.safetensors"], "pytorch_lora_weights.safetensors is a file, not a folder)"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, files, tmp_path, argv, fragment):

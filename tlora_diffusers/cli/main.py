@@ -114,6 +114,12 @@ def _one_line(error: BaseException) -> str:
         parent = os.path.dirname(os.path.abspath(path))
         if error.errno == 2 and not os.path.isdir(parent):
             text += f" (the folder {parent} does not exist)"
+        elif error.errno == 20:  # ENOTDIR: some part of the path is a file
+            part = os.path.abspath(path)
+            while part != os.path.dirname(part) and not os.path.isfile(part):
+                part = os.path.dirname(part)
+            if os.path.isfile(part):
+                text += f" ({part} is a file, not a folder)"
         return text
     return " ".join(str(error).split()) or type(error).__name__
 
