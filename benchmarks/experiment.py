@@ -58,6 +58,18 @@ LABELS = {name: spec[2] for name, spec in CONFIGS.items()}
 METRICS = ("IS", "TS", "copy_rate", "saturation")
 CHECKPOINTS = (200, 400, 800, 1200, 1600)
 SWEEP_CHECKPOINTS = (200, 400, 800)
+PLANNED_SEEDS = 5  # the default of --seeds: the grid the results are measured against
+
+
+def coverage(rows: list[dict], planned: int = PLANNED_SEEDS) -> dict[str, dict[str, list[int]]]:
+    """Per ``config/rank`` of the grid: the seeds that ran and those of ``range(planned)`` that did not."""
+    cells: dict[str, set] = {}
+    for r in rows:
+        if not r.get("sweep"):
+            cells.setdefault(f"{r['config']}/r{r['rank']}", set()).add(r["seed"])
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    keys = sorted(cells, key=lambda k: (order.get(k.split("/")[0], len(order)), int(k.split("/r")[1])))
+    return {k: {"ran": sorted(cells[k]), "missing": [s for s in range(planned) if s not in cells[k]]} for k in keys}
 
 
 def min_rank_of(config: str, rank: int) -> int:
@@ -262,10 +274,16 @@ def sweep_summary(rows: list[dict]) -> dict:
 
 # -- report ---------------------------------------------------------------------------------------------
 
+#: Fewer seeds than this get no interval: a bootstrap over one or two values is not one.
+MIN_CI_SEEDS = 3
+
+
 def _ci(s: Optional[dict], signed: bool = True) -> str:
     if not s or s["mean"] != s["mean"]:
         return "–"
     f = "{:+.3f}" if signed else "{:.3f}"
+    if s.get("n", MIN_CI_SEEDS) < MIN_CI_SEEDS:
+        return f"{f.format(s['mean'])} (n = {s['n']})"
     return f"{f.format(s['mean'])} [{f.format(s['ci95'][0])}, {f.format(s['ci95'][1])}]"
 
 
@@ -293,7 +311,7 @@ def render_markdown(result: dict) -> str:
                          + (f" ({u['IS']:.3f} / {u['TS']:.3f})" if u else ""))
         lines.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
     lines += ["", "## T-LoRA − LoRA at matched IS", "",
-              "Interpolated along each run's checkpoints, paired by seed; (k/n): seeds whose IS ranges overlap (the "
+              "Interpolated along each run's checkpoints, paired by seed; fewer than 3 seeds: the mean and n, no interval; (k/n): seeds whose IS ranges overlap (the "
               "others are read at the end of the lower curve, where the T-LoRA is also at a lower IS).", "", head]
     for c in configs[1:] if configs[:1] == ["lora"] else configs:
         for k, masked in (("TS", True), ("TS", False), ("copy_rate", True)):
@@ -329,6 +347,12 @@ def render_markdown(result: dict) -> str:
         for key, v in sorted(s["sweep"].items(), key=lambda kv: (kv[0].split("/lr")[0], float(kv[0].split("/lr")[1]))):
             lines.append(f"| {key} ({v['steps']} steps) | {_ci(v)} | {v['matched_seeds']}/{v['n']} | "
                          f"{_ci(v['max_IS'], False)} | {_ci(v['lora_max_IS'], False)} |")
+    lines += ["", "## Seeds per cell", "",
+              f"Planned: seeds 0–{PLANNED_SEEDS - 1} for every configuration and rank; the cells below list what ran "
+              "(the rest did not fit in the time the run had).", "", "| cell | seeds run | missing |", "|---|---|---|"]
+    for key, v in coverage(result["rows"]).items():
+        c, r = key.split("/")
+        lines.append(f"| {LABELS[c]}, {r} | {', '.join(map(str, v['ran']))} | {', '.join(map(str, v['missing'])) or '–'} |")
     lines.append(f"\nCPU seconds of training and sampling, summed over runs: {result['seconds']:.0f}.")
     return "\n".join(lines) + "\n"
 
@@ -471,10 +495,14 @@ README_BEGIN, README_END = "<!-- begin experiment-tables -->", "<!-- end experim
 _MAIN = ("lora", "tlora_min1", "tlora_half", "ortho_min1", "ortho_half")
 
 
-def _cell(s: Optional[dict], digits: int = 3) -> str:
+def _cell(s: Optional[dict], digits: int = 3, n_follows: bool = False) -> str:
+    """Mean [95 % CI], bold when the interval excludes 0; with fewer than MIN_CI_SEEDS values the mean and n
+    (``n_follows``: the caller prints n itself)."""
     if not s or s["mean"] != s["mean"]:
         return "–"
     f = f"{{:+.{digits}f}}"
+    if s.get("n", MIN_CI_SEEDS) < MIN_CI_SEEDS:
+        return (f.format(s["mean"]) + ("" if n_follows else f" (n = {s['n']})")).replace("-", "−")
     text = f"{f.format(s['mean'])} [{f.format(s['ci95'][0])}, {f.format(s['ci95'][1])}]".replace("-", "−")
     excludes_zero = s["ci95"][0] > 0 or s["ci95"][1] < 0
     return f"**{text}**" if excludes_zero else text
@@ -497,14 +525,19 @@ def readme_tables(result: dict) -> str:
             cells.append("–" if not t else f"{t['IS']:.3f} / {t['TS']:.3f}" + (f" ({u['IS']:.3f} / {u['TS']:.3f})" if u else ""))
         n = "/".join(map(str, seeds[c]))
         out.append(f"| {LABELS[c]} ({n} seeds) | " + " | ".join(cells) + " |")
+    missing = [f"{LABELS[k.split('/')[0]]} {k.split('/')[1]}: {', '.join(map(str, v['missing']))}"
+               for k, v in coverage(result["rows"]).items() if v["missing"]]
+    if missing:
+        out += ["", f"Not run (of the planned seeds 0–{PLANNED_SEEDS - 1}; they did not fit in the time the run had): "
+                    + "; ".join(missing) + "."]
     out += ["", "**T-LoRA − LoRA at matched IS** (along each run's checkpoints, paired by seed; bold: the 95 % "
-                "interval excludes 0; (k/n): seeds whose IS ranges overlap, the others read where the lower curve ends):",
+                "interval excludes 0, fewer than 3 seeds: the mean and n, no interval; (k/n): seeds whose IS ranges overlap, the others read where the lower curve ends):",
             "", head.replace("| |", "| ΔTS at matched IS |", 1)]
     for c in configs[1:]:
         cells = []
         for r in ranks:
             p = s["matched_vs_lora"].get(f"{c}/r{r}/TS")
-            cells.append(f"{_cell(p)} ({p['matched_seeds']}/{p['n']})" if p else "–")
+            cells.append(f"{_cell(p, n_follows=True)} ({p['matched_seeds']}/{p['n']})" if p else "–")
         out.append(f"| {LABELS[c]} | " + " | ".join(cells) + " |")
     out += ["", "**The mask at inference**: the same files sampled with the same seeds with `TLoRAPatch` and "
                 "without it (every rank at every step), masked − unmasked, per seed the mean over checkpoints; "

@@ -52,3 +52,31 @@ def test_train_command_and_its_errors(tmp_path, capsys):
     assert err.startswith("tlora-diffusers: error: ") and "--min-rank" in err and "Traceback" not in err
     assert main(["train", "--help"]) == 0
     assert "pipe.load_lora_weights" in capsys.readouterr().out
+
+
+def test_readme_demo_paragraph_is_the_committed_run_in_the_default_configuration():
+    """docs/demo-grid.png and its numbers come from `tlora-diffusers demo` with its defaults (min_rank 1, the
+    library's); the README quotes that run's numbers (docs/demo-summary.json)."""
+    import inspect
+    import re
+
+    from tlora_diffusers import TLoRAConfig
+    from tlora_diffusers.demo import run_demo
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "docs" / "demo-summary.json").read_text())
+    defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+    assert summary["min_rank"] == defaults["min_rank"] == TLoRAConfig(max_rank=8).min_rank
+    assert (summary["rank"], summary["steps"], summary["learning_rate"], summary["seed"]) == (
+        defaults["rank"], defaults["steps"], defaults["learning_rate"], defaults["seed"])
+    readme = (root / "README.md").read_text()
+    paragraph = readme[readme.index("In this run (rank"):readme.index("Tests (the command CI runs):")]
+    assert f"rank {summary['rank']}, T-LoRA min_rank {summary['min_rank']}, {summary['steps']} steps" in paragraph
+    m = summary["metrics"]
+    lora, masked, unmasked = m["LoRA"], m["T-LoRA, masked"], m["T-LoRA, no mask"]
+    assert f"IS {lora['IS']:.2f} vs {masked['IS']:.2f}" in paragraph
+    assert f"TS {lora['TS']:.2f} vs {masked['TS']:.2f}" in paragraph
+    assert f"IS {unmasked['IS']:.2f}, TS {unmasked['TS']:.2f}" in paragraph
+    assert len(re.findall(r"\d\.\d\d", paragraph)) == 6  # no other number that nothing checks
+    with Image.open(root / "docs" / "demo-grid.png") as grid:
+        assert grid.width > 6 * 128 and grid.height > 4 * 128
