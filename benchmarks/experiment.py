@@ -107,6 +107,12 @@ def _sample(pipe: Any, lora: Path, items: list[dict], seed: int, masks: Iterable
         pipe.delete_adapters("exp")
 
 
+def _trained_steps(out: Path) -> int:
+    """Steps the run folder ``out`` holds a checkpoint of (0: none)."""
+    steps = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
 def run_one(config: str, rank: int, seed: int, checkpoints: list[int], lr: float, work: Path, pipe: Any,
             evaluator: Any, samples: int, model: Path) -> dict:
     """Train one configuration/rank/seed checkpoint by checkpoint; evaluate each checkpoint (T-LoRAs also unmasked)."""
@@ -125,8 +131,22 @@ def run_one(config: str, rank: int, seed: int, checkpoints: list[int], lr: float
     out = work / f"{config}-r{rank}-s{seed}-lr{lr:g}"
     items = customization_prompts(concept, samples)
     masks = (True,) if config == "lora" else (True, False)
+    # Each checkpoint's point is kept in the run folder as soon as it is measured, so a run that was stopped
+    # continues where it was (training resumes bit-identically). A folder trained past a checkpoint whose point
+    # was not kept cannot give that point any more: it starts over.
+    points_path = out / "experiment-points.jsonl"
+    kept = {}
+    if points_path.exists():
+        kept = {p["step"]: p for p in map(json.loads, points_path.read_text().splitlines()) if p.get("step")}
+    trained = _trained_steps(out)
+    if trained and any(step < trained and step not in kept for step in checkpoints):
+        shutil.rmtree(out)
+        kept = {}
     curve = []
     for steps in checkpoints:
+        if steps in kept:
+            curve.append(kept[steps])
+            continue
         result = train(_config(config, rank, seed, image, out, steps, lr, model))
         print(f"[experiment]   {config} r{rank} s{seed}: {steps} steps trained, sampling", flush=True)
         images = _sample(pipe, result.output_file, items, 10_000 + seed, masks)
@@ -138,6 +158,8 @@ def run_one(config: str, rank: int, seed: int, checkpoints: list[int], lr: float
             else:
                 point["unmasked"] = metrics
         curve.append(point)
+        with open(points_path, "a") as f:
+            f.write(json.dumps(point) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     return {"config": config, "variant": CONFIGS[config][0], "min_rank": min_rank_of(config, rank), "rank": rank,
             "seed": seed, "lr": lr, "samples": samples, "concept": concept.__dict__, "curve": curve}
@@ -665,8 +687,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                                  initargs=setup) as pool:
-            for future in as_completed([pool.submit(_worker_run, job) for job in todo]):
-                record(future.result())
+            futures = {pool.submit(_worker_run, job): job for job in todo}
+            failed = []
+            for future in as_completed(futures):  # one failed job must not stop the others' rows being kept
+                try:
+                    record(future.result())
+                except Exception as e:
+                    job = futures[future]
+                    failed.append(job)
+                    print(f"[experiment] FAILED {job['config']} r{job['rank']} s{job['seed']}: "
+                          f"{type(e).__name__}: {e}", flush=True)
+            if failed:
+                raise SystemExit(f"[experiment] {len(failed)} runs failed (above); the others are kept in "
+                                 f"{work / 'rows.jsonl'}, and running the same command again retries them")
     elif todo:
         _worker_init(*setup)
         for job in todo:

@@ -152,6 +152,33 @@ def test_the_experiment_pipeline_runs_in_seconds(experiment, pipe, evaluator, tm
     md = (tmp_path / "t.md").read_text()
     assert "| LoRA |" in md and "masked − unmasked" in md and (tmp_path / "t.png").stat().st_size > 0
     assert not any(tmp_path.glob("*-r4-s0-*"))  # each run's training folder is removed after it
+    # A stopped run continues from its kept points (training resumes bit-identically); a folder trained past a
+    # checkpoint whose point was not kept starts over. Both give the uninterrupted run's curve.
+    from tlora_diffusers.training import train
+
+    run_dir = tmp_path / "lora-r4-s0-lr0.0003"
+    for trained_to, kept in ((2, [dict(rows[0]["curve"][0], kept=True)]), (4, [])):
+        train(experiment._config("lora", 4, 0, tmp_path / "concept-0.png", run_dir, trained_to, 3e-4, PIPELINE))
+        (run_dir / "experiment-points.jsonl").write_text("".join(json.dumps(p) + "\n" for p in kept))
+        again = experiment.run_one("lora", 4, 0, [2, 4], 3e-4, tmp_path, pipe, evaluator, 1, PIPELINE)
+        assert again["curve"][0].pop("kept", False) == bool(kept)  # the kept point is used, not re-measured
+        assert again["curve"] == rows[0]["curve"] and not run_dir.exists()
+    tables = experiment.readme_tables(result)
+    assert "| LoRA (1 seeds) |" in tables and "| T-LoRA, min_rank 1, ΔIS |" in tables
+    # One seed of the planned five: the missing ones are named, and no interval is made from one value.
+    assert experiment.coverage(rows) == {"lora/r4": {"ran": [0], "missing": [1, 2, 3, 4]},
+                                         "tlora_min1/r4": {"ran": [0], "missing": [1, 2, 3, 4]}}
+    assert "LoRA r4: 1, 2, 3, 4" in tables and "| LoRA, r4 | 0 | 1, 2, 3, 4 |" in md
+    assert "(n = 1)" in md and "[" not in tables.split("| ΔTS at matched IS |")[1].split("\n\n")[0]
+    # Phases run into different folders combine into one result (rows deduplicated, commands kept).
+    for phase, row in (("a", rows[0]), ("b", rows[1]), ("c", rows[0])):
+        work = tmp_path / phase / "experiment-work"
+        work.mkdir(parents=True)
+        (work / "rows.jsonl").write_text(json.dumps(dict(row, key=f"{row['config']}-key")) + "\n")
+        (work / "commands.json").write_text(json.dumps([f"run {phase}"]))
+    combined = experiment.combine(tmp_path / "all", [tmp_path / p for p in "abc"], "combine")
+    assert len(combined["rows"]) == 2 and combined["commands"] == ["run a", "run b", "run c", "combine"]
+    assert (tmp_path / "all" / "tlora_effect.json").is_file()
 
 
 def test_bootstrap_interval_and_matched_interpolation(experiment):
@@ -163,18 +190,22 @@ def test_bootstrap_interval_and_matched_interpolation(experiment):
 
 
 def test_readme_reports_the_committed_experiment():
-    """The README's "Does it work?" numbers are the committed run's (benchmarks/results/tlora_effect.json)."""
+    """The README's "Does it work?" tables are generated from the committed run (benchmarks/results/tlora_effect.json),
+    and every three-decimal number its prose quotes is one of that run's (in the tables or tlora_effect.md)."""
+    import re
+
+    from benchmarks.experiment import README_BEGIN, README_END, readme_tables, readme_with_tables
+
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Does it work?"):readme.index("## Use it with your pipeline")]
     result = json.loads((ROOT / "benchmarks" / "results" / "tlora_effect.json").read_text())
-    assert result["seeds"] >= 5 and sorted(result["ranks"]) == [4, 8, 16]
-    table, paired = result["summary"]["table"], result["summary"]["matched_vs_lora"]
-    for method, label in (("lora", "LoRA"), ("tlora", "Vanilla T-LoRA"), ("tlora_ortho", "T-LoRA (ortho)")):
-        cells = " | ".join(f"{table[f'{method}/r{r}']['IS']:.3f} / {table[f'{method}/r{r}']['TS']:.3f}" for r in (4, 8, 16))
-        assert f"| {label} | {cells} |" in section, f"README's final-checkpoint row for {label} is not the committed one"
-        if method != "lora":
-            for r in (4, 8, 16):
-                p = paired[f"{method}/r{r}/TS"]
-                shown = f"{p['mean_diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]".replace("-", "−")
-                assert shown in section.replace("**", ""), f"README's ΔTS for {method} r{r} is not {shown}"
-                assert f"({p['matched_seeds']}/{p['seeds']})" in section
+    assert sorted(result["ranks"]) == [4, 8, 16] and result["checkpoints"][-1] >= 1600
+    assert {"lora", "tlora_min1", "tlora_half"} <= {k.split("/")[0] for k in result["summary"]["table"]}
+    assert readme_with_tables(readme, readme_tables(result)) == readme, (
+        "README's experiment tables are stale: python benchmarks/experiment.py --out benchmarks/results --readme README.md")
+    section = readme[readme.index("## Does it work?"):readme.index("## Use it with your pipeline")]
+    prose = section.replace(section[section.index(README_BEGIN):section.index(README_END)], "")
+    known = (readme_tables(result) + (ROOT / "benchmarks" / "results" / "tlora_effect.md").read_text()).replace("−", "-")
+    quoted = re.findall(r"[+−-]?\d\.\d{3}", prose)
+    assert quoted, "the prose quotes no number"
+    for number in quoted:
+        assert number.replace("−", "-") in known, f"README quotes {number}, which is not in the committed results"
