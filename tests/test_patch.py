@@ -403,6 +403,45 @@ def test_threads_do_not_share_masks():
 
 
 @torch.no_grad()
+def test_a_failed_call_in_another_thread_does_not_unmask_the_call_in_flight():
+    """Thread B's call fails before it takes the denoiser (a timestep out of range) while thread A's call is half
+    way through; PyTorch still runs B's post-hook, which must leave A's masks alone."""
+    import threading
+
+    pipe = tiny_pipeline("sdxl")
+    add_lora(pipe.unet, "sdxl")
+    inputs = unet_inputs(pipe.unet)
+    with TLoRAPatch(pipe, TLoRAConfig(8, 1, 1.0)):
+        alone = pipe.unet(timestep=999, **inputs).sample
+        reached, b_done, errors = threading.Event(), threading.Event(), []
+
+        def pause_once(module, args):
+            if not reached.is_set() and threading.current_thread() is threading.main_thread():
+                reached.set()
+                assert b_done.wait(60)
+
+        def b():
+            assert reached.wait(60)
+            try:
+                pipe.unet(timestep=5000, **inputs)
+            except ValueError as e:
+                errors.append(e)
+            finally:
+                b_done.set()
+
+        hook = pipe.unet.up_blocks[0].register_forward_pre_hook(pause_once)
+        thread = threading.Thread(target=b)
+        thread.start()
+        try:
+            during = pipe.unet(timestep=999, **inputs).sample
+        finally:
+            hook.remove()
+            thread.join()
+    assert errors, "thread B's call should have been refused"
+    assert torch.equal(during, alone)
+
+
+@torch.no_grad()
 def test_threads_two_independent_pipelines():
     a, b = tiny_pipeline("flux"), tiny_pipeline("flux", seed=1)
     add_lora(a.transformer, "flux")

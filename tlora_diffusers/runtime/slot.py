@@ -146,8 +146,10 @@ class DenoiserSlot:
         self._owner = me
 
     def release(self) -> None:
-        self.mode = self.call = None
+        # Only the thread that holds the slot empties it: a call of another thread that failed before acquiring
+        # it (PyTorch still runs the always-call post-hook) must not unmask the owner's call in flight.
         if self._owner == threading.get_ident():
+            self.mode = self.call = None
             self._owner = None
             self._lock.release()
 
