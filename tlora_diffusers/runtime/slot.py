@@ -52,16 +52,21 @@ class CallMasks:
         self.where = where
         self._views: dict[tuple, torch.Tensor] = {}
 
-    def view_for(self, state: LayerMask, output: torch.Tensor) -> torch.Tensor:
-        """The mask for a layer's output: on its device and dtype, broadcastable along its rank dim."""
+    def view_for(self, state: LayerMask, output: torch.Tensor, cache: bool = True) -> torch.Tensor:
+        """The mask for a layer's output: on its device and dtype, broadcastable along its rank dim.
+
+        ``cache=False`` (inside a traced graph): the same mask, per-token and per-group included, without the
+        per-call cache.
+        """
         group = state.group if state.group in self.groups else None
         tokenwise = state.tokenwise and self.token_masks is not None and group is None
         rows = output.shape[1] if tokenwise and output.ndim > 1 else 0
         key = (state.adapter, output.device, output.dtype, output.ndim, state.rank_dim, tokenwise, rows, group)
-        view = self._views.get(key)
+        view = self._views.get(key) if cache else None
         if view is None:
             view = self._make_view(state, output, tokenwise, group)
-            self._views[key] = view
+            if cache:
+                self._views[key] = view
         if self.batch is not None and output.shape[0] != self.batch and group is None:
             raise ValueError(
                 f"T-LoRA layer {state.name} received a batch of {output.shape[0]} but the {self.where} call "
@@ -112,8 +117,8 @@ def mask_output(module: Any, out: torch.Tensor) -> torch.Tensor:
     """``out`` times the current call's mask for ``module`` (a masked layer in ``OUTPUTS`` mode)."""
     state: LayerMask = module.__dict__[LAYER_ATTR]
     call = state.slot.call
-    if torch.compiler.is_compiling():  # no caching inside a traced graph
-        return out * broadcast_mask(call.masks[state.adapter], out, state.rank_dim)
+    if torch.compiler.is_compiling():  # no caching inside a traced graph; per-token and group masks as eagerly
+        return out * call.view_for(state, out, cache=False)
     view = call.view_for(state, out)
     # In place at inference (no new activation tensor); out of place when autograd records it.
     return out * view if out.requires_grad else out.mul_(view)
