@@ -587,3 +587,27 @@ def test_range_check_of_one_timestep_agrees_with_the_tensor_path(value):
         assert abs(value - 500) > 500.05
         return
     torch.testing.assert_close(check_range(one, raw, 1000, "x", "scale 1"), expected, equal_nan=True)
+
+
+@torch.no_grad()
+def test_a_bare_denoiser_takes_T_from_its_family():
+    """Würstchen's prior counts ratios (T = 1): bare, at r = 1 (pure noise) with min_rank 0 no rank may act, and a
+    num_train_timesteps that contradicts the family is refused instead of masking every call wrongly."""
+    from peft import LoraConfig
+
+    from tlora_diffusers.testing.wuerstchen import _LORA_TARGETS, _prior
+
+    torch.manual_seed(0)
+    prior = _prior().eval()
+    prior.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(_LORA_TARGETS), init_lora_weights=False))
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 16)
+    r = torch.ones(1)
+    prior.disable_adapters()
+    base = prior(x, r, c)
+    prior.enable_adapters()
+    assert not torch.allclose(prior(x, r, c), base)  # the LoRA acts when unmasked
+    with TLoRAPatch(prior, TLoRAConfig(4, 0)) as patch:
+        assert patch.num_train_timesteps == 1
+        torch.testing.assert_close(prior(x, r, c), base, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="num_train_timesteps=1000 contradicts the wuerstchen model family"):
+        TLoRAPatch(prior, TLoRAConfig(4, 0), num_train_timesteps=1000)

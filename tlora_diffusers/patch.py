@@ -92,7 +92,8 @@ class TLoRAPatch:
             or ``None`` to read each adapter's config from the file it was loaded from.
         adapter_names: adapters to mask; default every active adapter (other LoRAs, e.g. a
             style LoRA, then need a T-LoRA config too, or leave them out with this).
-        num_train_timesteps: ``T`` for a bare denoiser (pipelines read their scheduler).
+        num_train_timesteps: ``T`` for a bare denoiser (default: what its model family declares, else 1000;
+            pipelines read their scheduler).
         fast: deprecated and ignored (the mask path runs): see ``benchmarks/README.md``.
 
     Example:
@@ -125,7 +126,7 @@ class TLoRAPatch:
         self._components: dict[str, int] = {}
         if isinstance(target, nn.Module):
             self.pipeline = None
-            self._bare_timesteps = 1000 if num_train_timesteps is None else num_train_timesteps
+            self._bare_timesteps = None  # set by _bare_T once the denoiser is described
             candidates = {None: _unwrap(target)}
         else:
             self.pipeline = target
@@ -141,11 +142,25 @@ class TLoRAPatch:
             self._bare_timesteps = None
             candidates = self._pipeline_denoisers(target)
         self._bindings = self._plan(candidates, cfg, names)
+        if self.pipeline is None:
+            self._bare_timesteps = self._bare_T(num_train_timesteps)
         self.num_train_timesteps  # validates T now
         self._check_not_patched()
         self._install()
         if self.pipeline is not None:
             self._components = self._component_ids()
+
+    def _bare_T(self, given: Optional[int]) -> int:
+        """``T`` of a bare denoiser: what its family declares (Würstchen's prior counts ratios, T = 1), else 1000;
+        a ``num_train_timesteps`` that contradicts the family's would mask every call wrongly, so it is refused."""
+        declared = {getattr(b.info.family, "num_train_timesteps", None) for b in self._bindings} - {None}
+        if not declared:
+            return 1000 if given is None else given
+        (family_T,) = declared
+        if given is not None and given != family_T:
+            raise ValueError(f"num_train_timesteps={given!r} contradicts the {self._bindings[0].info.family.name} "
+                             f"model family, whose timesteps run to T = {family_T}; leave it out")
+        return family_T
 
     # -- planning (nothing is changed until every part is valid) ------------------------------
     def _pipeline_denoisers(self, pipe: Any) -> dict[Optional[str], nn.Module]:
