@@ -308,6 +308,41 @@ def test_round_trips_through_kohya_and_comfyui_tlora_give_the_same_masked_output
     torch.testing.assert_close(masked_output(case_name, back), masked_output(case_name, src), rtol=0, atol=2e-5)
 
 
+@torch.no_grad()
+def test_sdxl_kohya_export_uses_the_sgm_names_sd_scripts_gives_its_sdxl_unet(tmp_path):
+    """sd-scripts' SDXL UNet (``sdxl_original_unet``) names its modules input_blocks/middle_block/output_blocks, so
+    an SDXL export in diffusers' names would match nothing there. With the base model's config the export writes
+    SGM names; stock diffusers' own SGM mapping loads the file into the right modules (same masked outputs), and
+    ``kohya_names="diffusers"`` keeps diffusers' names."""
+    from tlora_diffusers.io.export import _sgm_path
+
+    # Real SDXL (layers_per_block 2), names as sd-scripts writes them.
+    assert _sgm_path("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 2) == \
+        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
+    assert _sgm_path("down_blocks.2.attentions.1.proj_in", 2) == "input_blocks.8.1.proj_in"
+    assert _sgm_path("mid_block.attentions.0.transformer_blocks.9.ff.net.2", 2) == \
+        "middle_block.1.transformer_blocks.9.ff.net.2"
+    assert _sgm_path("up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_out.0", 2) == \
+        "output_blocks.2.1.transformer_blocks.0.attn2.to_out.0"
+    with pytest.raises(ValueError, match="only attention modules have an SGM"):
+        _sgm_path("down_blocks.0.resnets.0.conv1", 2)
+
+    case = CASES["sdxl"]
+    cfg = TLoRAConfig(4, 1, 2.0)
+    src = ours(tmp_path, "sdxl", cfg, ATTENTION)
+    sgm = convert_tlora(src, tmp_path / "sgm.safetensors", case.build(0), to="kohya")
+    keys = [k for k in load_file(str(sgm)) if k.endswith(".lora_down.weight")]
+    assert keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                        for k in keys)
+    pipe = case.build(0)
+    pipe.load_lora_weights(str(sgm))  # stock diffusers maps SGM names with the UNet's config
+    with TLoRAPatch(pipe, read_schedule(sgm)):
+        got = output(pipe(**case.inputs(pipe, 0)))
+    torch.testing.assert_close(got, masked_output("sdxl", src), rtol=0, atol=2e-5)
+    plain = convert_tlora(src, tmp_path / "d.safetensors", case.build(0), to="kohya", kohya_names="diffusers")
+    assert all("_down_blocks_" in k or "_mid_block_" in k or "_up_blocks_" in k for k in load_file(str(plain)))
+
+
 def test_kohya_export_metadata_carries_the_schedule_and_its_ss_tlora_mirror(tmp_path):
     from safetensors import safe_open
 
@@ -330,6 +365,46 @@ def test_static_export_is_the_unmasked_lora_for_any_loader(tmp_path):
     a.load_lora_weights(str(src))
     b.load_lora_weights(str(static))  # stock diffusers, kohya keys
     torch.testing.assert_close(output(b(**case.inputs(b, 0))), output(a(**case.inputs(a, 0))), rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_exports_scale_like_peft_and_refuse_what_they_cannot_hold(tmp_path):
+    """rsLoRA (alpha / sqrt(r)) and a regex alpha_pattern fold into the static export as PEFT scales them: each
+    written module's up @ down * alpha / r equals PEFT's own B @ A * scaling of the source model. (Stock diffusers
+    0.42.1 loads a kohya SDXL file whose modules have different alphas with one alpha for all: its alpha_pattern
+    keys never match, so this compares with PEFT's modules, not with a stock load.) A DoRA LoRA is refused by name,
+    not written without its magnitudes."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from tlora_diffusers.io import TLoRAFileMetadata, save_tlora
+
+    case = CASES["sdxl"]
+    cfg = TLoRAConfig(4, 1, 1.0)
+    for name, extra in (("rslora", dict(use_rslora=True, alpha_pattern={r"attn\d\.to_q": 1.0})),
+                        ("dora", dict(use_dora=True))):
+        donor = case.build(0).unet
+        torch.manual_seed(0)
+        donor.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(ATTENTION), init_lora_weights=False, **extra))
+        for n, p in donor.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+        meta = TLoRAFileMetadata(cfg, variant="vanilla", component="unet")
+        src = save_tlora(tmp_path / name, get_peft_model_state_dict(donor), meta, donor.peft_config["default"].to_dict())
+        if name == "dora":
+            with pytest.raises(ValueError, match="DoRA magnitudes and LoRA biases have no place"):
+                convert_tlora(src, tmp_path / "dora-static.safetensors", to="static")
+            continue
+        written = load_file(str(convert_tlora(src, tmp_path / "static.safetensors", to="static")))
+        scales = set()
+        for path, m in donor.named_modules():
+            if not hasattr(m, "lora_A") or "default" not in m.lora_A:
+                continue
+            key = "lora_unet_" + path.replace(".", "_")
+            got = written[f"{key}.lora_up.weight"] @ written[f"{key}.lora_down.weight"] * written[f"{key}.alpha"] / 4
+            expected = m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+            scales.add(m.scaling["default"])
+        assert scales == {1.0 / 2, 8.0 / 2}  # alpha / sqrt(4): the pattern's 1 on to_q, 8 elsewhere
 
 
 def test_comfyui_export_names_what_the_node_drops_and_the_settings_to_type(tmp_path):

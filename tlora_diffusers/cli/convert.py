@@ -40,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
     p.add_argument("--to", choices=("tlora", "kohya", "comfyui-tlora", "static"), default="tlora",
                    help="tlora: ours; kohya: lora_unet_* keys, .alpha tensors, ss_tlora_* metadata; comfyui-tlora: "
                         "the attention-processor layout the ComfyUI-T-LoRA node masks; static: a plain, unmasked LoRA")
+    p.add_argument("--kohya-names", choices=("auto", "sgm", "diffusers"), default="auto",
+                   help="--to kohya: module names of a UNet; sgm: SDXL's as sd-scripts names them (input_blocks_...), "
+                        "diffusers: down_blocks_... (ComfyUI loads both); auto: sgm for an SDXL UNet (decided from "
+                        "--model's config when given, else from the LoRA's modules)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--model", metavar="PATH",
                    help="local diffusers folder of the base model (default: none; LyCORIS files need it)")
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     denoiser = load_denoiser(args.model, args.verbose) if args.model else None
     with quiet_libraries(args.verbose):
         converted = read_lora(args.src, denoiser, args)
-        exported = export_converted(converted, target, args.to)
+        exported = export_converted(converted, target, args.to, kohya_names=args.kohya_names,
+                                    unet_config=getattr(denoiser, "config", None) if denoiser is not None else None)
     print(f"wrote {exported.path}" + (f" ({exported.format})" if exported.format != "tlora" else ""))
     for note in exported.notes:
         print(note)

@@ -22,10 +22,11 @@ writes atomically (:func:`~tlora_diffusers.io.format.atomic_save_safetensors`):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import torch
 
@@ -57,9 +58,16 @@ class Exported:
 
 
 def _modules(converted: ConvertedTLoRA) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """module path -> (A, B, scale) with PEFT's per-module scaling ``lora_alpha / r`` (or ``alpha_pattern``)."""
+    """module path -> (A, B, scale) with PEFT's own per-module scaling: ``lora_alpha / r``, ``alpha_pattern``
+    matched as PEFT matches it (``get_pattern_key``), ``/ sqrt(r)`` with ``use_rslora``. Tensors the exported
+    formats cannot hold (DoRA magnitudes, LoRA biases) are refused, never dropped."""
+    from peft.utils.other import get_pattern_key
+
     config = converted.lora_config
-    r = config["r"]
+    extra = sorted(k for k in converted.state_dict if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if extra or config.get("use_dora") or config.get("lora_bias"):
+        raise ValueError(f"{extra[:3] or 'use_dora/lora_bias'}: DoRA magnitudes and LoRA biases have no place in the "
+                         "exported formats (kohya, comfyui-tlora, static); export a plain LoRA")
     pattern = config.get("alpha_pattern") or {}
     out = {}
     for key, a in converted.state_dict.items():
@@ -67,8 +75,9 @@ def _modules(converted: ConvertedTLoRA) -> dict[str, tuple[torch.Tensor, torch.T
             continue
         path = key[: -len(".lora_A.weight")]
         b = converted.state_dict[f"{path}.lora_B.weight"]
-        alpha = next((v for k, v in pattern.items() if path == k or path.endswith("." + k)), config["lora_alpha"])
-        out[path] = (a, b, float(alpha) / r)
+        r = a.shape[0]  # rank_pattern included
+        alpha = pattern.get(get_pattern_key(list(pattern), path), config["lora_alpha"])
+        out[path] = (a, b, float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r))
     return out
 
 
@@ -87,16 +96,80 @@ def _kohya_name(converted: ConvertedTLoRA, path: str) -> str:
     return prefix + path.replace(".", "_")
 
 
+KOHYA_NAMES = ("auto", "sgm", "diffusers")
+_UNET_ATTENTION = re.compile(r"^(?:down_blocks\.(?P<d>\d+)|up_blocks\.(?P<u>\d+)|(?P<m>mid_block))\.attentions\."
+                             r"(?P<j>\d+)\.(?P<rest>.+)$")
+
+
+def _is_sdxl(converted: ConvertedTLoRA, unet_config: Any) -> bool:
+    """An SDXL UNet: from its config when known (``addition_embed_type = "text_time"``), else from the LoRA's
+    modules (SDXL's attentions hold several transformer blocks; SD 1.x/2.x's hold one)."""
+    if converted.meta.component != "unet":
+        return False
+    if unet_config is not None:
+        return getattr(unet_config, "addition_embed_type", None) == "text_time"
+    return any(re.search(r"\.transformer_blocks\.[1-9]", p) for p in _modules(converted))
+
+
+def _sgm_path(path: str, layers_per_block: int) -> str:
+    """A diffusers UNet module path as SDXL's SGM UNet names it (sd-scripts' ``sdxl_original_unet``): the
+    inverse of diffusers' ``_maybe_map_sgm_blocks_to_diffusers`` for attention modules."""
+    m = _UNET_ATTENTION.match(path)
+    if m is None:
+        raise ValueError(f"{path}: only attention modules have an SGM (sd-scripts SDXL) name here; export with "
+                         "kohya_names='diffusers' (--kohya-names diffusers), which ComfyUI also loads")
+    j = int(m["j"])
+    if m["m"] is not None:
+        return f"middle_block.1.{m['rest']}"
+    if m["d"] is not None:
+        return f"input_blocks.{1 + int(m['d']) * (layers_per_block + 1) + j}.1.{m['rest']}"
+    return f"output_blocks.{int(m['u']) * (layers_per_block + 1) + j}.1.{m['rest']}"
+
+
+def _renamed(name: str, words: tuple[tuple[str, str], ...]) -> str:
+    for old, new in words:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _sgm_names(converted: ConvertedTLoRA, unet_config: Any) -> dict[str, str]:
+    """module path -> kohya name in SGM layout, each checked by mapping it back with diffusers' own converter."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    L = getattr(unet_config, "layers_per_block", None) if unet_config is not None else 2  # SDXL's
+    if not isinstance(L, int):
+        raise ValueError(f"SGM names need one layers_per_block for every UNet block, got {L!r}")
+    names = {p: "lora_unet_" + _sgm_path(p, L).replace(".", "_") for p in _modules(converted)}
+    back = _maybe_map_sgm_blocks_to_diffusers({n: p for p, n in names.items()}, SimpleNamespace(layers_per_block=L))
+    # diffusers renumbers the blocks and keeps the SGM block words, which its key converter renames afterwards
+    words = (("lora_unet_input_blocks_", "lora_unet_down_blocks_"), ("lora_unet_middle_block_", "lora_unet_mid_block_"),
+             ("lora_unet_output_blocks_", "lora_unet_up_blocks_"))
+    wrong = [p for n, p in back.items() if _renamed(n, words) != _kohya_name(converted, p)]
+    if wrong or len(back) != len(names):
+        raise ValueError(f"SGM names of {wrong[:3] or sorted(names)[:3]} do not map back with diffusers' converter; "
+                         "export with kohya_names='diffusers'")
+    return names
+
+
 def _base_metadata(converted: ConvertedTLoRA) -> dict[str, str]:
     return {"format": "pt", TLORA_METADATA_KEY: converted.meta.to_json()}
 
 
-def _write_kohya(converted: ConvertedTLoRA, dst: Path) -> Exported:
+def _write_kohya(converted: ConvertedTLoRA, dst: Path, kohya_names: str = "auto", unet_config: Any = None) -> Exported:
+    if kohya_names not in KOHYA_NAMES:
+        raise ValueError(f"kohya_names must be one of {', '.join(KOHYA_NAMES)}, got {kohya_names!r}")
+    sgm = kohya_names == "sgm" or (kohya_names == "auto" and _is_sdxl(converted, unet_config))
+    if sgm and converted.meta.component != "unet":
+        raise ValueError(f"kohya_names='sgm' names UNet modules; this T-LoRA is on a {converted.meta.component}")
+    sgm_names = _sgm_names(converted, unet_config) if sgm else {}
     cfg = converted.meta.config
     tensors: dict[str, torch.Tensor] = {}
     paired = cfg.layout == "paired"
     for path, (a, b, scale) in _modules(converted).items():
-        name = _kohya_name(converted, path)
+        name = sgm_names.get(path) or _kohya_name(converted, path)
         if paired:
             for k, v in _ortho_parts(a, b, scale).items():
                 tensors[f"{name}.{'base_lambda_buf' if k == 'base_lambda' else k}"] = v.contiguous()
@@ -111,7 +184,11 @@ def _write_kohya(converted: ConvertedTLoRA, dst: Path) -> Exported:
             "that fork and tlora_diffusers mask it; loaders without ortho support need --to static" if paired else
             "kohya loaders load it (ComfyUI, sd-scripts); the sd-scripts T-LoRA fork and tlora_diffusers mask it "
             "from its metadata")
-    return Exported(path, "kohya", (note,))
+    naming = ("UNet modules in SDXL's SGM names (input_blocks/middle_block/output_blocks), as sd-scripts' SDXL UNet "
+              "names them; --kohya-names diffusers writes diffusers' names" if sgm else
+              "modules in diffusers' names" + ("; an SDXL UNet for sd-scripts needs --kohya-names sgm"
+                                                if converted.meta.component == "unet" else ""))
+    return Exported(path, "kohya", (note, naming))
 
 
 def _write_comfyui(converted: ConvertedTLoRA, dst: Path) -> Exported:
@@ -174,8 +251,15 @@ def _write_static(converted: ConvertedTLoRA, dst: Path) -> Exported:
     return Exported(path, "static", (f"{path.name}: {_STATIC_NOTE}",))
 
 
-def export_converted(converted: ConvertedTLoRA, dst: Union[str, Path], to: str = "tlora") -> Exported:
-    """Write ``converted`` as ``to`` (one of :data:`EXPORT_FORMATS`) at ``dst`` (a ``.safetensors`` path, or a folder)."""
+def export_converted(converted: ConvertedTLoRA, dst: Union[str, Path], to: str = "tlora", *,
+                     kohya_names: str = "auto", unet_config: Any = None) -> Exported:
+    """Write ``converted`` as ``to`` (one of :data:`EXPORT_FORMATS`) at ``dst`` (a ``.safetensors`` path, or a folder).
+
+    ``kohya_names`` (``to="kohya"``): ``"sgm"`` names an SDXL UNet's modules as sd-scripts does
+    (``input_blocks_4_1_...``), ``"diffusers"`` as diffusers does (``down_blocks_1_attentions_0_...``; ComfyUI loads
+    both), ``"auto"``: SGM for an SDXL UNet (``unet_config``, the base model's config, decides; without it, the
+    LoRA's modules). Other formats ignore it.
+    """
     from .inspect import write_converted
 
     if to not in EXPORT_FORMATS:
@@ -185,5 +269,7 @@ def export_converted(converted: ConvertedTLoRA, dst: Union[str, Path], to: str =
     dst = output_path(dst, to)
     if to == "tlora":
         return Exported(write_converted(converted, dst), "tlora")
-    writer = {"kohya": _write_kohya, "comfyui-tlora": _write_comfyui, "static": _write_static}[to]
+    if to == "kohya":
+        return _write_kohya(converted, dst, kohya_names, unet_config)
+    writer = {"comfyui-tlora": _write_comfyui, "static": _write_static}[to]
     return writer(converted, dst)

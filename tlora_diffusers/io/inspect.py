@@ -142,6 +142,7 @@ def convert_tlora(
     *,
     to: str = "tlora",
     overwrite: bool = False,
+    kohya_names: str = "auto",
     **options: Any,
 ) -> Path:
     """Convert any supported T-LoRA file to ``to`` (written atomically; an existing ``dst`` needs ``overwrite``).
@@ -153,6 +154,8 @@ def convert_tlora(
     ``"static"`` (a plain, unmasked LoRA). ``dst`` is a folder or a ``.safetensors`` path. LyCORIS files
     need ``denoiser`` (the base model, a pipeline or its denoiser): their frozen base is rebuilt from its
     weights. Files without a schedule need ``cfg`` or the format's ``min_rank=`` / ``alpha=`` options.
+    ``kohya_names`` (``to="kohya"``): ``"auto"`` (SDXL UNets in sd-scripts' SGM names, decided from ``denoiser``'s
+    config when given), ``"sgm"`` or ``"diffusers"``.
 
     Example:
         >>> convert_tlora("simpletuner-out/", "converted/", denoiser=pipe)
@@ -170,7 +173,8 @@ def convert_tlora(
     converted = read_tlora(src, model, cfg, **options)
     if model is not None:
         check_modules(model, converted.state_dict, src)
-    exported = export_converted(converted, target, to)
+    exported = export_converted(converted, target, to, kohya_names=kohya_names,
+                                unet_config=getattr(model, "config", None) if model is not None else None)
     if exported.dropped:
         import warnings
 
