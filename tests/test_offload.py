@@ -61,6 +61,10 @@ def test_offloading_keeps_masks(reference, how, order):
     else:
         patch = TLoRAPatch(pipe, TLoRAConfig(8, 1))
         offload(pipe, how)
+    if how == "group_leaf":  # hooks on each lora_A move its weight during the call: never the pre-masked weights
+        from tlora_diffusers.runtime.attachment import attachment_of
+
+        assert not attachment_of(pipe.unet)._weights_allowed()
     got = run(pipe)
     np.testing.assert_allclose(got, masked, atol=1e-5)
     assert np.abs(got - plain).max() > 1e-3  # the mask really changed the images

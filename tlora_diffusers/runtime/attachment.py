@@ -407,8 +407,9 @@ class Attachment:
             return False
         for group in self.groups:
             first = group.modules[0]
-            if "_hf_hook" in first.__dict__ or first.weight.is_meta or type(first.weight.data) is not torch.Tensor:
-                return False  # offloaded, or a tensor subclass (FSDP's DTensor, a quantized tensor)
+            if ("_hf_hook" in first.__dict__ or "_diffusers_hook" in first.__dict__ or first.weight.is_meta
+                    or type(first.weight.data) is not torch.Tensor):
+                return False  # offloaded (accelerate, diffusers' leaf-level group offloading), or a tensor subclass
         return True
 
     def __deepcopy__(self, memo: dict) -> None:
