@@ -147,3 +147,17 @@ def test_bad_metadata_and_wrong_base_model(tmp_path):
     assert state_hash(pipe.transformer) == before
     with pytest.raises(ValueError, match="do not fit|do not exist"):
         load_tlora(tiny_pipeline("sd3"), flux_file)
+
+
+def test_a_dora_file_is_refused_not_loaded_without_its_magnitudes(tmp_path):
+    """diffusers drops tensors it does not expect with a log line; the adapter would not be the file's."""
+    from peft import LoraConfig
+
+    src = tiny_pipeline("sdxl")
+    src.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k"], use_dora=True))
+    src.save_lora_weights(tmp_path / "dora", unet_lora_layers=get_peft_model_state_dict(src.unet))
+    pipe = tiny_pipeline("sdxl")
+    before = state_hash(pipe.unet)
+    with pytest.raises(ValueError, match=r"not LoRA A/B weights, e\.g\. .*lora_magnitude_vector"):
+        load_tlora(pipe, tmp_path / "dora", TLoRAConfig(8))
+    assert state_hash(pipe.unet) == before and not getattr(pipe.unet, "peft_config", None)

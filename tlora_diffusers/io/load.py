@@ -152,6 +152,12 @@ def denoiser_of(target: Any, component: Optional[str] = None) -> nn.Module:
 def check_modules(denoiser: nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Every LoRA tensor must target an existing Linear/Conv layer of matching width."""
     names = dict(denoiser.named_modules())
+    other = sorted(k for k in state_dict if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if other:  # diffusers would drop them with a log line: the adapter would not be the file's
+        raise ValueError(
+            f"{path}: {len(other)} tensor(s) that are not LoRA A/B weights, e.g. {', '.join(other[:3])}; a T-LoRA "
+            "masks the ranks of lora_A, so DoRA magnitudes, LoRA biases and other extras are not supported"
+        )
     missing, wrong = [], []
     for key, tensor in state_dict.items():
         module_path, _, param = key.rpartition(".lora_")
