@@ -363,3 +363,26 @@ def test_convert_to_other_tools_and_generate_from_the_kohya_file(capsys, files, 
     assert_one_line_error(*cli(capsys, "convert", files.tlora, kohya, "--to", "kohya")[::2],
                           "k.safetensors: already exists; pass --overwrite")
     assert cli(capsys, "convert", files.tlora, kohya, "--to", "kohya", "--overwrite")[0] == 0
+
+
+@pytest.mark.parametrize("error, fragment", [
+    ("safetensors", "Error while serializing: disk full"),
+    ("enospc", "No space left on device"),
+])
+def test_a_failed_write_is_one_line(capsys, files, tmp_path, monkeypatch, error, fragment):
+    """A write that fails under the library (safetensors' own error, an OSError without a filename) is the user's
+    situation: one line, exit 2, no traceback."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def broken(tensors, filename, metadata=None):
+        if error == "safetensors":
+            raise SafetensorError("Error while serializing: disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    code, _, err = cli(capsys, "convert", files.tlora, str(tmp_path / "out.safetensors"), "--to", "static")
+    assert_one_line_error(code, err, fragment)
+    assert "Traceback" not in err and "[Errno" not in err

@@ -94,7 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): not an error
         _silence_stdout()
         return 0
-    except USER_ERRORS as e:
+    except Exception as e:
+        # safetensors' own error (a write that failed: disk full, too large) and PIL's decompression bomb are the
+        # user's situation too; anything else is a bug and keeps its traceback
+        if not isinstance(e, USER_ERRORS) and type(e).__name__ not in ("SafetensorError", "DecompressionBombError"):
+            raise
         if args.verbose:
             traceback.print_exc()
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
@@ -121,6 +125,8 @@ def _one_line(error: BaseException) -> str:
             if os.path.isfile(part):
                 text += f" ({part} is a file, not a folder)"
         return text
+    if isinstance(error, OSError) and error.strerror and not error.filename:  # not "[Errno 28] No space ..."
+        return error.strerror
     return " ".join(str(error).split()) or type(error).__name__
 
 
