@@ -285,6 +285,9 @@ def test_weights_are_readable_by_others_like_any_file(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+    from tlora_diffusers.io.format import _umask
+
+    assert _umask() == umask == os.umask(umask)  # read from /proc, the process umask left as it was
 
 
 def _example():

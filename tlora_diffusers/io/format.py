@@ -54,6 +54,33 @@ __all__ = [
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` sets it, and another thread could create a file
+    with the temporary value); the round trip only where ``/proc`` is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str, Path], metadata: dict[str, str]) -> Path:
     """Write a safetensors file via a temp file in the same folder and ``os.replace``.
 
@@ -70,10 +97,11 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Union[str
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a weights file is as readable as any other
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a weights file is as readable as any other
+        with open(tmp, "rb") as f:  # on disk before it takes the name, so a power loss cannot leave it empty
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
