@@ -80,3 +80,26 @@ def test_readme_demo_paragraph_is_the_committed_run_in_the_default_configuration
     assert len(re.findall(r"\d\.\d\d", paragraph)) == 6  # no other number that nothing checks
     with Image.open(root / "docs" / "demo-grid.png") as grid:
         assert grid.width > 6 * 128 and grid.height > 4 * 128
+
+
+def test_what_to_look_for_is_what_the_committed_experiment_measured():
+    """The demo's text claims, at its rank and min_rank, what benchmarks/results/tlora_effect.json shows: T-LoRA
+    follows context prompts better than LoRA at matched IS and copies the training context less, and the unmasked
+    file is not burnt (saturation within 0.05 of the masked one)."""
+    import inspect
+
+    from tlora_diffusers.demo import LOOK_FOR, run_demo
+
+    root = Path(__file__).resolve().parents[1]
+    s = json.loads((root / "benchmarks" / "results" / "tlora_effect.json").read_text())["summary"]
+    defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+    assert defaults["min_rank"] == 1 and "min_rank 1 (this demo's)" in LOOK_FOR
+    cell = f"tlora_min1/r{defaults['rank']}"
+    ts = s["matched_vs_lora"][f"{cell}/TS"]
+    assert ts["mean"] > 0 and "followed such prompts better than a LoRA on average" in LOOK_FOR
+    assert (ts["ci95"][0] <= 0) == ("at this demo's rank 8 its interval includes zero" in LOOK_FOR)
+    assert s["matched_vs_lora"]["tlora_min1/r16/TS"]["ci95"][0] > 0 and "clear only at rank 16" in LOOK_FOR
+    assert s["matched_vs_lora"][f"{cell}/copy_rate"]["mean"] < 0 and "less often" in LOOK_FOR
+    ab = s["mask_ab"][cell]
+    assert abs(ab["saturation"]["mean"]) < 0.05 and abs(ab["IS"]["mean"]) < 0.02 and abs(ab["TS"]["mean"]) < 0.02
+    assert "it is not burnt and differs little from the masked row" in LOOK_FOR

@@ -79,7 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction, parents: Sequence[argpars
                         "(default: 800)")
     p.add_argument("--lr", type=float, help="learning rate, constant (default: 1e-4)")
     p.add_argument("--rank", type=positive_int, help="LoRA rank = T-LoRA max_rank (default: 16)")
-    p.add_argument("--min-rank", type=non_negative_int, help="ranks active at the noisiest step (default: 1)")
+    p.add_argument("--min-rank", type=non_negative_int,
+                   help="ranks active at the noisiest step (default: 1; in the README's experiment neither 1 nor "
+                        "rank/2 was consistently better)")
     p.add_argument("--alpha", type=float, help="schedule exponent, 1 = linear (default: 1.0)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: the rank)")
     p.add_argument("--variant", choices=("vanilla", "ortho"), help="plain LoRA or the paper's ortho (default: vanilla)")

@@ -126,6 +126,8 @@ _TLORA = ("A [T-LoRA](https://arxiv.org/abs/2507.05964) (a LoRA whose active ran
           "few ranks at high noise, all ranks near t = 0)")
 _PLAIN = ("An ordinary LoRA (min_rank = max_rank: every rank at every step), trained as the baseline of a "
           "[T-LoRA](https://arxiv.org/abs/2507.05964) comparison")
-_HOW_TLORA = ("A T-LoRA is trained with its rank mask at every denoiser call and is meant to run with it. The schedule "
-              "is stored in the file, so two lines on the stock pipeline suffice:")
+_HOW_TLORA = ("A T-LoRA is trained with its rank mask at every denoiser call and is meant to run with it. A loader that "
+              "ignores the schedule runs every rank at every step, which is not what was trained (in tlora_diffusers' "
+              "measured experiment that weakened the concept of rank-4 T-LoRAs with min_rank 1 and broke rank-4 ortho "
+              "ones). The schedule is stored in the file, so two lines on the stock pipeline suffice:")
 _HOW_PLAIN = "Every rank is active at every step, so it needs no mask; stock diffusers loads it like any LoRA:"
