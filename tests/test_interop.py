@@ -529,3 +529,16 @@ def test_sd_scripts_fork_anima_tlora_loads_with_its_flow_time_schedule(tmp_path)
     with TLoRAPatch(pipe):
         got = output(pipe(**case.inputs(pipe, 0)))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_the_command_line_asks_a_kohya_file_for_the_model_not_for_a_lycoris_base(tmp_path, capsys):
+    """A kohya file whose names need the base model's modules is told to pass --model for that reason (not the
+    LyCORIS "frozen base" message)."""
+    from tlora_diffusers.cli import main
+
+    src = ours(tmp_path, "flux", TLoRAConfig(4, 1, 1.0), ("to_q", "to_k"))
+    kohya = convert_tlora(src, tmp_path / "k.safetensors", to="kohya")
+    assert main(["convert", str(kohya), str(tmp_path / "back")]) == 2
+    err = capsys.readouterr().err
+    assert "module names of this kohya file are resolved against the base model's own modules" in err
+    assert "--model PATH" in err and "LyCORIS" not in err

@@ -363,6 +363,11 @@ def read_lora(path: str, denoiser: Optional[torch.nn.Module], args: argparse.Nam
     try:
         converted = read_tlora(path, denoiser, **options)
     except NeedsInputError as e:
+        if e.needs == "denoiser" and "kohya" in str(e):
+            raise CLIError(
+                f"{given}: the module names of this kohya file are resolved against the base model's own modules, "
+                "so pass --model PATH (the pipeline folder it was trained on)"
+            ) from None
         if e.needs == "denoiser":
             raise CLIError(
                 f"{given}: a LyCORIS/SimpleTuner T-LoRA does not store its frozen base; it is rebuilt from the base "
