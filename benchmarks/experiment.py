@@ -585,12 +585,9 @@ def readme_tables(result: dict) -> str:
 
 
 def readme_with_tables(text: str, tables: str) -> str:
-    import re
+    from tlora_diffusers.models.docs import replace_between
 
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"README has no {README_BEGIN} ... {README_END} block")
-    return pattern.sub(lambda _: f"{README_BEGIN}\n{tables}\n{README_END}", text)
+    return replace_between(text, README_BEGIN, README_END, tables)
 
 
 def rerender(path: Path) -> dict:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -169,10 +168,9 @@ def render_table(result: dict) -> str:
 
 
 def readme_with_table(text: str, table: str) -> str:
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"README has no {BEGIN} ... {END} block")
-    return pattern.sub(lambda _: f"{BEGIN}\n{table}\n{END}", text)
+    from tlora_diffusers.models.docs import replace_between
+
+    return replace_between(text, BEGIN, END, table)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,12 +96,10 @@ def readme_table(result: dict) -> str:
 
 def update_readme(result: dict, readme: Path = REPO / "README.md") -> bool:
     """Replace the block between :data:`README_MARKERS`; returns whether the file changed."""
+    from tlora_diffusers.models.docs import replace_between
+
     text = readme.read_text()
-    start, end = README_MARKERS
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"{readme}: the performance-table markers are missing")
-    new = pattern.sub(lambda m: f"{start}\n{readme_table(result)}\n{end}", text)
+    new = replace_between(text, *README_MARKERS, readme_table(result))
     if new != text:
         readme.write_text(new)
     return new != text

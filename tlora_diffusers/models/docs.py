@@ -119,14 +119,19 @@ def support_markdown(rows=None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_with_table(text: str, table: str) -> str:
-    """``text`` with everything between the two :data:`MARKERS` replaced by ``table``."""
-    start, end = MARKERS
+def replace_between(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with everything between the markers ``start`` and ``end`` replaced by ``body`` (the README blocks
+    that generated tables fill: supported models, performance, the experiment, the front door)."""
     if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
         raise ValueError(f"the README must hold the markers {start!r} and {end!r} once each, in that order")
     head, rest = text.split(start)
     _, tail = rest.split(end)
-    return f"{head}{start}\n{table}\n{end}{tail}"
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def readme_with_table(text: str, table: str) -> str:
+    """``text`` with everything between the two :data:`MARKERS` replaced by ``table``."""
+    return replace_between(text, *MARKERS, table)
 
 
 def _write(path, text: str) -> None:
