@@ -20,14 +20,24 @@ __all__ = ["available_cpus", "busy_cpus", "choose_threads", "apply_threads", "TH
 THREADS_ENV = "TLORA_THREADS"
 
 
+def _affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def _cgroup(name: str) -> str:
+    with open(f"/sys/fs/cgroup/{name}") as f:
+        return f.read()
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask; a container's CPU quota where it is smaller)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
+    cpus = len(_affinity())
     try:  # cgroup v2 quota, e.g. "200000 100000" = 2 CPUs
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota, period = _cgroup("cpu.max").split()[:2]
         if quota != "max":
             cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -38,9 +48,9 @@ def available_cpus() -> int:
 def _cgroup_usage() -> Optional[float]:
     """CPU seconds used by this container (cgroup v2) when it has a CPU quota; ``None`` otherwise."""
     try:
-        if open("/sys/fs/cgroup/cpu.max").read().split()[0] == "max":
+        if _cgroup("cpu.max").split()[0] == "max":
             return None
-        for line in open("/sys/fs/cgroup/cpu.stat"):
+        for line in _cgroup("cpu.stat").splitlines():
             if line.startswith("usage_usec "):
                 return int(line.split()[1]) / 1e6
     except (OSError, ValueError, IndexError):
@@ -79,10 +89,7 @@ def busy_cpus(window: float = 0.1) -> float:
         after = _cgroup_usage()
         if after is not None:
             return max(0.0, (after - used) / window)
-    try:
-        cpus = set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = set(range(os.cpu_count() or 1))
+    cpus = _affinity()
     before = _cpu_jiffies(cpus)
     if before is not None:
         time.sleep(window)
