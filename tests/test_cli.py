@@ -386,3 +386,18 @@ def test_a_failed_write_is_one_line(capsys, files, tmp_path, monkeypatch, error,
     code, _, err = cli(capsys, "convert", files.tlora, str(tmp_path / "out.safetensors"), "--to", "static")
     assert_one_line_error(code, err, fragment)
     assert "Traceback" not in err and "[Errno" not in err
+
+
+def test_convert_to_kohya_names_an_sdxl_unet_as_sd_scripts_does(capsys, files, tmp_path):
+    """--model's config says SDXL: SGM names (as sd-scripts' SDXL UNet), which this file's resnet targets do not have
+    here: one line with advice, and the advice (--kohya-names diffusers) works. (SGM output itself:
+    tests/test_interop.py.)"""
+    from safetensors.torch import load_file
+
+    code, _, err = cli(capsys, "convert", files.tlora, tmp_path / "sgm.safetensors", "--to", "kohya", "--model",
+                       files.model)
+    assert_one_line_error(code, err, "export with kohya_names='diffusers' (--kohya-names diffusers)")
+    code, out, _ = cli(capsys, "convert", files.tlora, tmp_path / "d.safetensors", "--to", "kohya", "--model",
+                       files.model, "--kohya-names", "diffusers")
+    assert code == 0 and "modules in diffusers' names" in out
+    assert all(k.split("_")[2] in ("down", "mid", "up") for k in load_file(str(tmp_path / "d.safetensors")))

@@ -342,6 +342,27 @@ def test_sdxl_kohya_export_uses_the_sgm_names_sd_scripts_gives_its_sdxl_unet(tmp
     plain = convert_tlora(src, tmp_path / "d.safetensors", case.build(0), to="kohya", kohya_names="diffusers")
     assert all("_down_blocks_" in k or "_mid_block_" in k or "_up_blocks_" in k for k in load_file(str(plain)))
 
+    # Without the base model, SDXL is told by its attentions holding several transformer blocks (SD 1.x/2.x: one).
+    from types import SimpleNamespace
+
+    from tlora_diffusers.io.export import _is_sdxl
+
+    def lora_on(*paths):
+        sd = {f"{p}.lora_{x}.weight": torch.zeros(4, 4) for p in paths for x in "AB"}
+        return SimpleNamespace(meta=SimpleNamespace(component="unet"), lora_config={"r": 4, "lora_alpha": 4},
+                               state_dict=sd)
+
+    block = "down_blocks.1.attentions.0.transformer_blocks.{}.attn1.to_q"
+    assert _is_sdxl(lora_on(block.format(0), block.format(1)), None)
+    assert not _is_sdxl(lora_on(block.format(0)), None)
+
+    # A LoRA on modules without an SGM name here (resnets) is refused with advice, and the advice works.
+    conv = ours(tmp_path / "conv", "sdxl", cfg, ATTENTION + ("conv1",))
+    with pytest.raises(ValueError, match="export with kohya_names='diffusers'"):
+        convert_tlora(conv, tmp_path / "c.safetensors", case.build(0), to="kohya")
+    conv_kohya = convert_tlora(conv, tmp_path / "c.safetensors", case.build(0), to="kohya", kohya_names="diffusers")
+    assert any("_resnets_" in k for k in load_file(str(conv_kohya)))
+
 
 def test_kohya_export_metadata_carries_the_schedule_and_its_ss_tlora_mirror(tmp_path):
     from safetensors import safe_open
@@ -542,3 +563,8 @@ def test_the_command_line_asks_a_kohya_file_for_the_model_not_for_a_lycoris_base
     err = capsys.readouterr().err
     assert "module names of this kohya file are resolved against the base model's own modules" in err
     assert "--model PATH" in err and "LyCORIS" not in err
+    from tlora_diffusers.tiny import save_tiny_pipeline
+
+    model = save_tiny_pipeline("flux", tmp_path / "flux", text_encoders=False)  # the advice: pass --model
+    assert main(["convert", str(kohya), str(tmp_path / "back"), "--model", str(model)]) == 0
+    assert read_schedule(tmp_path / "back" / "pytorch_lora_weights.safetensors") == TLoRAConfig(4, 1, 1.0)
