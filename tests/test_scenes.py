@@ -209,3 +209,33 @@ def test_readme_reports_the_committed_experiment():
     assert quoted, "the prose quotes no number"
     for number in quoted:
         assert number.replace("−", "-") in known, f"README quotes {number}, which is not in the committed results"
+
+def test_min_rank_and_mask_advice_follows_the_committed_experiment(capsys):
+    """What the README lead, the model card, `train --help` and the config table say about min_rank and the mask
+    is what benchmarks/results/tlora_effect.json shows."""
+    from tlora_diffusers.training.card import _HOW_TLORA
+
+    s = json.loads((ROOT / "benchmarks" / "results" / "tlora_effect.json").read_text())["summary"]
+    ab, matched = s["mask_ab"], s["matched_vs_lora"]
+    # "weakened the concept of rank-4 T-LoRAs with min_rank 1": masked - unmasked IS above 0 with its interval
+    assert ab["tlora_min1/r4"]["IS"]["ci95"][0] > 0
+    # "broke rank-4 ortho ones": the unmasked concept similarity collapses (both ortho configurations)
+    assert min(ab["ortho_min1/r4"]["IS"]["mean"], ab["ortho_half/r4"]["IS"]["mean"]) > 0.15
+    # "with min_rank 1 also oversaturated": masked - unmasked saturation below 0 with its interval
+    assert ab["ortho_min1/r4"]["saturation"]["ci95"][1] < 0
+    # "neither 1 nor rank/2 was consistently better": each is ahead at some rank
+    ahead = [matched[f"tlora_min1/r{r}/TS"]["mean"] > matched[f"tlora_half/r{r}/TS"]["mean"] for r in (4, 8, 16)]
+    assert any(ahead) and not all(ahead)
+    readme = (ROOT / "README.md").read_text()
+    lead = readme[:readme.index("## Run it")]
+    phrase = "weakened the concept of rank-4 T-LoRAs with min_rank 1"
+    assert phrase in " ".join(lead.split()) and "broke rank-4 ortho ones" in " ".join(lead.split())
+    assert phrase in _HOW_TLORA and "broke rank-4 ortho" in _HOW_TLORA
+    assert "neither 1 nor `max_rank // 2` was consistently better" in readme
+    # "Ortho ... learnt the concept more slowly than LoRA at every learning rate tried" (the sweep)
+    assert s["sweep"] and all(v["max_IS"]["mean"] < v["lora_max_IS"]["mean"] for v in s["sweep"].values())
+    assert "learnt the concept more\n  slowly than LoRA at every learning rate tried" in readme
+    from tlora_diffusers.cli.main import main
+
+    assert main(["train", "--help"]) == 0
+    assert "neither 1 nor rank/2 was consistently better" in " ".join(capsys.readouterr().out.split())
